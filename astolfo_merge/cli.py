@@ -1,0 +1,188 @@
+"""`python -m astolfo_merge ...`: a thin client of the library.
+
+Exit codes: 0 ok, 2 bad input (one clear message on stderr, no traceback), 1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+
+from . import __version__
+from .errors import AstolfoError
+
+DEFAULT_MODELS_DIR = os.environ.get("ASTOLFO_MODELS_DIR", os.path.join(os.getcwd(), "models"))
+
+
+def _progress_printer(stream=sys.stderr, interval=0.5):
+    """A one-line progress bar, redrawn at most every `interval` seconds (plain lines off a TTY)."""
+    state = {"len": 0, "last": 0.0}
+    tty = stream.isatty()
+
+    def show(p):
+        final = p.keys_done == p.keys_total and not p.message
+        if not final and p.elapsed - state["last"] < interval and not p.message:
+            return
+        state["last"] = p.elapsed
+        width = 30
+        filled = int(width * p.fraction)
+        eta = f" ETA {p.eta:4.0f}s" if p.eta is not None and not final else f" {p.elapsed:.1f}s"
+        text = p.message or f"[{'#' * filled}{'.' * (width - filled)}] {100 * p.fraction:5.1f}% keys {p.keys_done}/{p.keys_total}{eta}"
+        if tty:
+            stream.write("\r" + text.ljust(state["len"]) + ("\n" if final else ""))
+            state["len"] = len(text)
+        else:
+            stream.write(text + "\n")
+        stream.flush()
+    return show
+
+
+def cmd_merge(args):
+    from .engine import RunOptions, run_merge
+    from .plan import build_plan
+    from .recipe import load_recipe, recipe_from_metadata
+    from .checkpoint import read_header
+
+    if args.recipe.lower().endswith(".safetensors"):
+        recipe = recipe_from_metadata(read_header(args.recipe).metadata)
+    else:
+        recipe = load_recipe(args.recipe)
+    if not args.output and not recipe.output:
+        from .naming import default_output_name
+        recipe.output = default_output_name(recipe)
+    plan = build_plan(recipe, args.models_dir, args.output)
+    options = RunOptions(device=args.device, threads=args.threads, memory_gb=args.memory_gb,
+                         overwrite=args.overwrite, hash_inputs=not args.no_hash)
+    print(f"merging {len(recipe.pool)} model(s) with {recipe.method} ({plan.arch}, {len(plan.keys)} keys) -> {plan.output}",
+          file=sys.stderr)
+    for line in plan.log:
+        print(f"  note: {line}", file=sys.stderr)
+    result = run_merge(plan, options, progress=None if args.quiet else _progress_printer(), cancel=threading.Event())
+    for line in result.log[len(plan.log):]:
+        print(f"  note: {line}", file=sys.stderr)
+    print(result.summary())
+    return 0
+
+
+def cmd_inspect(args):
+    from .inspection import inspect_file, format_report
+    reports = [inspect_file(p) for p in args.files]
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    else:
+        print("\n\n".join(format_report(r) for r in reports))
+    return 0
+
+
+def cmd_methods(args):
+    from .methods import METHODS
+    if args.json:
+        print(json.dumps([m.to_dict() for m in METHODS.values()], indent=2))
+        return 0
+    for m in METHODS.values():
+        base = " (needs base)" if m.needs_base else ""
+        arity = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"-{m.max_models}"))
+        print(f"{m.name}: {m.title} — {arity} model(s){base}\n    {m.help}")
+        for p in m.params:
+            rng = f" [{p.minimum}, {p.maximum}]" if p.minimum is not None else ""
+            choices = f" one of {list(p.choices)}" if p.choices else ""
+            print(f"    {p.name} ({p.kind}, default {p.default!r}{rng}{choices}): {p.help}")
+    return 0
+
+
+def cmd_demo_models(args):
+    from .demo import write_demo_models
+    written = write_demo_models(args.dir, scale=args.scale, overwrite=args.overwrite)
+    print(f"{len(written)} demo checkpoint(s) written to {args.dir}" if written else f"demo checkpoints already in {args.dir}")
+    return 0
+
+
+def cmd_demo(args):
+    """The README's one-command tour: demo models, then a merge of two of them, then inspect."""
+    from .demo import write_demo_models
+    from .engine import RunOptions, run_merge
+    from .plan import build_plan
+    from .recipe import parse_recipe
+    write_demo_models(args.models_dir)
+    recipe = parse_recipe({"pool": ["demo-sd1-anime.safetensors", "demo-sd1-photo.safetensors", "demo-sd1-painted.safetensors"],
+                           "method": "n_average", "output": "demo-sd1-average.safetensors"})
+    plan = build_plan(recipe, args.models_dir)
+    print(f"merging {recipe.pool} with n_average -> {plan.output}")
+    result = run_merge(plan, RunOptions(overwrite=True), progress=_progress_printer())
+    print(result.summary())
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m astolfo_merge", description="AstolfoMerge: exact, memory-bounded N-way SD checkpoint merging")
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("merge", help="run a recipe (JSON file, or a merged .safetensors to re-run its embedded recipe)")
+    m.add_argument("recipe")
+    m.add_argument("--models-dir", default=DEFAULT_MODELS_DIR)
+    m.add_argument("--output", "-o", help="output path (default: the recipe's 'output' inside --models-dir)")
+    m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    m.add_argument("--threads", type=int, default=0)
+    m.add_argument("--memory-gb", type=float, default=1.5)
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")
+    m.add_argument("--quiet", "-q", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    i = sub.add_parser("inspect", help="architecture, components, dtypes and embedded recipe of checkpoints")
+    i.add_argument("files", nargs="+")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    me = sub.add_parser("methods", help="every merge method with its parameters")
+    me.add_argument("--json", action="store_true")
+    me.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("demo-models", help="write small synthetic SD1 / SDXL checkpoints (real key names)")
+    d.add_argument("dir", nargs="?", default=DEFAULT_MODELS_DIR)
+    d.add_argument("--scale", type=int, default=32, help="divide model widths by this (1 = full size)")
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(func=cmd_demo_models)
+
+    t = sub.add_parser("demo", help="write demo models into --models-dir and merge three of them")
+    t.add_argument("--models-dir", default=DEFAULT_MODELS_DIR)
+    t.set_defaults(func=cmd_demo)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS = []
+
+
+def register_command(fn):
+    """Other modules (app, repair, analysis) add their sub-commands through this hook."""
+    _EXTRA_COMMANDS.append(fn)
+    return fn
+
+
+def _load_extensions():
+    import importlib
+    for name in ("app", "repair_cli", "analysis_cli", "rebasin_cli", "lora_cli"):
+        try:
+            importlib.import_module(f"astolfo_merge.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"astolfo_merge.{name}":
+                raise
+
+
+def main(argv=None) -> int:
+    _load_extensions()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except AstolfoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130

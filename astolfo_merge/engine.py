@@ -1,0 +1,245 @@
+"""Executing a plan: key by key, chunk by chunk, straight into the streaming writer.
+
+Memory: a method holds at most `resident` chunks of one key; chunk rows are chosen so that
+`resident` compute-dtype chunks fit the chunk budget, whatever the number of models. Inputs are
+read with positioned reads (page cache, no whole-file mapping), the output is written as it is
+produced. Cancel and errors abort the writer, so nothing half-written stays behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
+from .errors import Cancelled, MergeKeyError, RecipeError
+from .methods import KeyInputs, get_method
+from .plan import GIB, KeyPlan, Plan
+
+CACHE_FRIENDLY_ELEMENTS = 1 << 20   # ~8 MB of fp64 per chunk: big enough to amortise calls
+
+
+@dataclass
+class RunOptions:
+    device: str = "cpu"
+    threads: int = 0                 # 0: torch's default
+    memory_gb: float = 1.5
+    overwrite: bool = False
+    hash_inputs: bool = True
+    hash_cache: HashCache | None = None
+
+
+@dataclass
+class Progress:
+    keys_done: int
+    keys_total: int
+    bytes_done: int
+    bytes_total: int
+    elapsed: float
+    eta: float | None
+    key: str = ""
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_done / self.bytes_total if self.bytes_total else 1.0
+
+
+@dataclass
+class MergeResult:
+    path: str
+    sha256: str
+    size: int
+    seconds: float
+    keys: int
+    log: list = field(default_factory=list)
+    components: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        comps = "; ".join(f"{k}: {v}" for k, v in self.components.items())
+        return (f"wrote {self.path}\n  {self.keys} keys, {self.size / 1e6:.1f} MB, {self.seconds:.1f} s\n"
+                f"  sha256 {self.sha256}\n  components: {comps}")
+
+
+def key_seed(seed: int, key: str) -> int:
+    """Per-key seed: independent of key order and thread count."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class FileKeyInputs(KeyInputs):
+    """The N pool tensors (+ base) of one key, read from files in row chunks."""
+
+    def __init__(self, plan: Plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log):
+        self.key, self.shape, self.n = kp.key, tuple(kp.shape), len(kp.pool)
+        self.has_base, self.dtype, self.device = kp.base is not None, dtype, device
+        self.seed = key_seed(plan.recipe.seed, kp.key)
+        self._plan, self._kp, self._readers = plan, kp, readers
+        self._chunk_bytes, self._log = chunk_bytes, log
+
+    def _read(self, source, start, stop):
+        src = self._plan.sources[source]
+        t = self._readers[source].read_rows(src.keys[self.key], start, stop)
+        rows = stop - start if self.shape else None
+        t = t.reshape(((rows,) + self.shape[1:]) if self.shape else ())
+        return t.to(device=self.device, dtype=self.dtype, copy=True)
+
+    def read_rows(self, i, start, stop):
+        return self._read(self._kp.pool[i], start, stop)
+
+    def read_base_rows(self, start, stop):
+        return self._read(self._kp.base, start, stop)
+
+    def chunks(self, resident: int):
+        rows = self.rows
+        row_elems = max(1, math.prod(self.shape[1:])) if self.shape else 1
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        by_budget = self._chunk_bytes // max(1, resident * row_elems * itemsize)
+        by_cache = CACHE_FRIENDLY_ELEMENTS // row_elems
+        step = max(1, min(rows, by_budget, max(1, by_cache)))
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+    def log(self, message):
+        self._log.append(f"{self.key}: {message}")
+
+
+def output_metadata(plan: Plan, hashes: dict) -> dict:
+    recipe = plan.recipe
+    inputs = [{"name": s.name, "sha256": hashes.get(s.path)} for s in plan.sources]
+    lineage = {}
+    for src in plan.sources:
+        for k, v in _json_field(src.header.metadata.get("sd_merge_models")).items():
+            lineage.setdefault(k, v)
+        sha = hashes.get(src.path)
+        if sha:
+            lineage[sha] = {"name": src.name, "legacy_hash": _safe_legacy_hash(src.path),
+                            "sd_merge_recipe": _json_field(src.header.metadata.get("sd_merge_recipe")) or None}
+    webui_recipe = {"type": "astolfo_merge", "method": recipe.method, "params": recipe.params,
+                    "pool": [hashes.get(plan.sources[[s.name for s in plan.sources].index(n)].path) for n in recipe.pool],
+                    "recipe": recipe.to_dict()}
+    meta = {
+        "format": "pt",
+        "astolfo_merge_version": __version__,
+        "astolfo_merge_recipe": recipe.to_json(indent=None),
+        "astolfo_merge_inputs": json.dumps(inputs),
+        "sd_merge_recipe": json.dumps(webui_recipe),
+        "sd_merge_models": json.dumps(lineage),
+        "modelspec.architecture": {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2",
+                                   "sdxl": "stable-diffusion-xl-v1-base"}[plan.arch],
+        "modelspec.prediction_type": {"epsilon": "epsilon", "v": "v", "edm-v": "v", "edm": "epsilon"}[plan.prediction],
+    }
+    return meta
+
+
+def _json_field(value) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else {}
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _safe_legacy_hash(path):
+    try:
+        return legacy_model_hash(path)
+    except OSError:
+        return None
+
+
+def _input_hashes(plan: Plan, options: RunOptions, report) -> dict:
+    if not options.hash_inputs:
+        return {}
+    cache = options.hash_cache or HashCache()
+    out = {}
+    for n, src in enumerate(plan.sources):
+        if cache.get(src.path) is None:
+            report(f"hashing input {n + 1}/{len(plan.sources)}: {src.name}")
+        out[src.path] = cache.sha256(src.path)
+    return out
+
+
+def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[[Progress], None] | None = None,
+              cancel: threading.Event | None = None) -> MergeResult:
+    options = options or RunOptions()
+    if plan.output is None:
+        raise RecipeError("output", "no output file given")
+    plan.check_budget(options.memory_gb)
+    device = torch.device(options.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
+    start = time.monotonic()
+    total_bytes = plan.output_bytes
+    done_bytes, log = 0, list(plan.log)
+
+    def report(message="", key="", keys_done=0):
+        if progress:
+            elapsed = time.monotonic() - start
+            eta = elapsed / done_bytes * (total_bytes - done_bytes) if done_bytes else None
+            progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, elapsed, eta, key, message))
+
+    hashes = _input_hashes(plan, options, report)
+    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    chunk_bytes = max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
+    entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
+    try:
+        with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
+            for n, kp in enumerate(plan.keys):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel):
+                    writer.write(kp.key, chunk)
+                done_bytes += math.prod(kp.shape) * torch.empty((), dtype=kp.dtype).element_size()
+                report(key=kp.key, keys_done=n + 1)
+            sha = writer.commit()
+    finally:
+        for r in readers:
+            r.close()
+    if options.hash_inputs:
+        (options.hash_cache or HashCache()).put(plan.output, sha)
+    return MergeResult(plan.output, sha, os.path.getsize(plan.output), time.monotonic() - start, len(plan.keys),
+                       log, dict(plan.component_summary))
+
+
+def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel):
+    if kp.action == "position_ids":
+        yield torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
+        return
+    if kp.action == "copy":
+        src = plan.sources[kp.source]
+        t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
+        yield t.to(kp.dtype) if t.is_floating_point() else t
+        return
+    method = get_method(kp.method)
+    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log)
+    files = [plan.sources[i].name for i in kp.pool]
+    try:
+        for chunk in method.run(inputs, kp.params):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            if not torch.isfinite(chunk).all():
+                policy = plan.recipe.nonfinite
+                if policy == "fail":
+                    raise MergeKeyError(kp.key, "the merge produced NaN/Inf values (set 'nonfinite' to 'keep' to write them anyway)", files)
+                log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
+                if policy != "keep":
+                    chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+            yield chunk.to(device="cpu", dtype=kp.dtype)
+    except (MergeKeyError, Cancelled):
+        raise
+    except RecipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any method failure is reported with the key and files
+        raise MergeKeyError(kp.key, f"{method.name} failed: {exc.__class__.__name__}: {exc}", files) from exc

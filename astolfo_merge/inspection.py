@@ -1,0 +1,76 @@
+"""`inspect`: what a checkpoint is, from its header alone (REPAIR.md §11, short form)."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+from .arch import COMPONENTS, identify
+from .checkpoint import NAME_OF, read_header
+
+COMPONENT_TITLES = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
+
+
+def inspect_file(path) -> dict:
+    header = read_header(path)
+    ident = identify(header.shapes, header.metadata)
+    dtypes = collections.Counter(NAME_OF[t.dtype] for t in header.tensors.values())
+    meta = header.metadata
+    recipe = meta.get("astolfo_merge_recipe")
+    non_string = sorted(k for k, v in meta.items() if not isinstance(v, str))
+    report = {"file": os.path.basename(path), "path": os.path.abspath(path), "size": header.file_size,
+              "keys": len(header.tensors), "dtypes": dict(dtypes), **ident.to_dict(),
+              "recipe": json.loads(recipe) if isinstance(recipe, str) and recipe.startswith("{") else None,
+              "metadata_keys": sorted(meta), "metadata_not_strings": non_string, "warnings": header.warnings}
+    try:
+        from .repair import diagnose   # the full report, when the repair module is present
+        report.update(diagnose(header, ident))
+    except ImportError:
+        pass
+    return report
+
+
+def verdict(report) -> str:
+    if report.get("refusal"):
+        return f"not mergeable: {report['refusal']}"
+    pred = report["prediction"] + (" + ztSNR" if report["ztsnr"] else "")
+    state = "complete" if report["full"] else "partial: " + ", ".join(
+        f"{c} {v['present']}/{v['expected']}" for c, v in report["components"].items() if v["status"] != "complete")
+    return f"{report['title']} · {pred} · {state}"
+
+
+def format_report(report) -> str:
+    lines = [f"{report['file']} — {report['size'] / 1e6:.1f} MB, {report['keys']} keys, "
+             + ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items()),
+             f"Verdict: {report.get('verdict_text') or verdict(report)}"]
+    for comp in COMPONENTS:
+        c = report["components"].get(comp)
+        if not c:
+            continue
+        line = f"  {COMPONENT_TITLES[comp]:<15} {c['status']:<8} {c['present']}/{c['expected']}"
+        missing = c["missing"] + c["missing_optional"]
+        if missing:
+            line += f" — missing {len(missing)}: " + ", ".join(m.split(".")[-3:][0] + "." + ".".join(m.split(".")[-2:]) for m in missing[:3])
+        if c["wrong_shape"]:
+            line += f" — {len(c['wrong_shape'])} mis-shaped"
+        lines.append(line)
+    extras = []
+    if report["markers"]:
+        extras.append("markers " + ", ".join(report["markers"]))
+    if report["ema_keys"]:
+        extras.append(f"{report['ema_keys']} EMA keys")
+    if report["schedule_buffers"]:
+        extras.append(f"{len(report['schedule_buffers'])} schedule buffers")
+    if report["unknown"]:
+        extras.append(f"{len(report['unknown'])} unknown keys (e.g. {report['unknown'][0]})")
+    if report["renames"]:
+        extras.append(f"{len(report['renames'])} legacy key names normalised")
+    lines.append("Other: " + ("; ".join(extras) if extras else "nothing else"))
+    for extra_line in report.get("report_lines", []):
+        lines.append(extra_line)
+    if report["recipe"]:
+        r = report["recipe"]
+        lines.append(f"Recipe: {r.get('method')} over {len(r.get('pool', []))} model(s), params {json.dumps(r.get('params', {}))}")
+    if report["metadata_not_strings"]:
+        lines.append(f"Metadata values that are not strings (would break saving elsewhere): {', '.join(report['metadata_not_strings'][:5])}")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Method declarations: one per method; the CLI, the recipe validation and the tab's forms are
+generated from them (ARCHITECTURE.md "Methods as declarations").
+
+A method is a pure function `run(inputs, params) -> Iterator[Tensor]` over one key: `inputs` gives
+bounded access to the N pool tensors (and the base) of that key, whole or by row ranges; the
+function yields the output in row-major chunks (or once, whole). It never opens files or knows
+about threads, devices or budgets beyond what `inputs` offers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str                    # float | int | bool | choice | floats
+    default: object = None
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple = ()
+    help: str = ""
+    step: float | None = None    # a hint for sliders
+
+    def validate(self, value, where: str):
+        field_name = f"{where}.{self.name}"
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise RecipeError(field_name, f"must be true or false, got {value!r}")
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise RecipeError(field_name, f"must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+            return value
+        if self.kind == "floats":
+            if value is None:
+                return None
+            if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+                raise RecipeError(field_name, f"must be a list of numbers, got {value!r}")
+            for v in value:
+                self._check_range(float(v), field_name)
+            return [float(v) for v in value]
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise RecipeError(field_name, f"must be an integer, got {value!r}")
+            self._check_range(value, field_name)
+            return value
+        if not _is_number(value):
+            raise RecipeError(field_name, f"must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise RecipeError(field_name, f"must be finite, got {value!r}")
+        self._check_range(value, field_name)
+        return value
+
+    def _check_range(self, value, field_name):
+        if self.minimum is not None and value < self.minimum:
+            raise RecipeError(field_name, f"{value} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise RecipeError(field_name, f"{value} is above the maximum {self.maximum}")
+
+    def to_dict(self):
+        return {"name": self.name, "type": self.kind, "default": self.default, "min": self.minimum,
+                "max": self.maximum, "choices": list(self.choices) or None, "help": self.help}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    help: str
+    run: Callable[["KeyInputs", dict], Iterator[torch.Tensor]]
+    params: tuple = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    streaming: str = "elementwise"   # elementwise | two_pass | whole_tensor | gram
+    block_param: str | None = None   # the parameter MBW block weights override
+    random: bool = False
+    preset_of: str | None = None
+    fixed: dict = field(default_factory=dict)   # preset values (not shown in forms)
+    resident: Callable[[int], int] = lambda n: n + 2  # tensors of one chunk held at once
+
+    def param(self, name) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def resolve_params(self, given: dict | None, where="params") -> dict:
+        given = dict(given or {})
+        known = {p.name for p in self.params}
+        unknown = sorted(set(given) - known - set(self.fixed))
+        if unknown:
+            raise RecipeError(f"{where}.{unknown[0]}", f"unknown parameter for method '{self.name}' "
+                              f"(known: {', '.join(sorted(known)) or 'none'})")
+        out = {}
+        for p in self.params:
+            out[p.name] = p.validate(given[p.name], where) if p.name in given else p.default
+        out.update(self.fixed)
+        return out
+
+    def to_dict(self):
+        return {"name": self.name, "title": self.title, "help": self.help, "needs_base": self.needs_base,
+                "min_models": self.min_models, "max_models": self.max_models, "streaming": self.streaming,
+                "block_param": self.block_param, "random": self.random, "preset_of": self.preset_of,
+                "fixed": self.fixed, "params": [p.to_dict() for p in self.params]}
+
+
+METHODS: dict = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str, where="method") -> Method:
+    if name not in METHODS:
+        raise RecipeError(where, f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+    return METHODS[name]
+
+
+class KeyInputs:
+    """What a method sees of one key. Subclassed by the engine (files) and `TensorInputs` (tests)."""
+
+    key: str = ""
+    shape: tuple = ()
+    n: int = 0
+    has_base: bool = False
+    dtype: torch.dtype = torch.float64
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if len(self.shape) else 1
+
+    def read(self, i: int) -> torch.Tensor:
+        return self.read_rows(i, 0, self.rows)
+
+    def read_base(self) -> torch.Tensor:
+        return self.read_base_rows(0, self.rows)
+
+    def read_rows(self, i, start, stop) -> torch.Tensor:
+        raise NotImplementedError
+
+    def read_base_rows(self, start, stop) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chunks(self, resident: int):
+        """Row ranges such that `resident` compute-dtype chunks fit the budget."""
+        raise NotImplementedError
+
+    def log(self, message: str):
+        pass
+
+
+class TensorInputs(KeyInputs):
+    """In-memory inputs: for tests and for callers that already hold tensors."""
+
+    def __init__(self, tensors, base=None, key="tensor", dtype=torch.float64, seed=0, chunk_rows=None):
+        self.tensors, self.base = list(tensors), base
+        ref = self.tensors[0] if self.tensors else base
+        self.shape, self.n, self.has_base = tuple(ref.shape), len(self.tensors), base is not None
+        self.key, self.dtype, self.seed, self.chunk_rows = key, dtype, seed, chunk_rows
+        self.messages = []
+
+    def _rows(self, t, start, stop):
+        t = t if t.dim() else t.reshape(1)
+        out = t[start:stop].to(self.dtype, copy=True)
+        return out if len(self.shape) else out.reshape(())
+
+    def read_rows(self, i, start, stop):
+        return self._rows(self.tensors[i], start, stop)
+
+    def read_base_rows(self, start, stop):
+        return self._rows(self.base, start, stop)
+
+    def chunks(self, resident):
+        step = self.chunk_rows or self.rows
+        return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)] or [(0, 0)]
+
+    def log(self, message):
+        self.messages.append(message)
+
+
+def apply(method: Method | str, tensors, base=None, params=None, **kw) -> torch.Tensor:
+    """Run a method on in-memory tensors and return the whole output (tests, notebooks)."""
+    method = get_method(method) if isinstance(method, str) else method
+    inputs = TensorInputs(tensors, base, **kw)
+    parts = list(method.run(inputs, method.resolve_params(params)))
+    out = parts[0] if len(parts) == 1 else torch.cat([p.reshape((-1,) + inputs.shape[1:]) for p in parts])
+    return out.reshape(inputs.shape)

@@ -1,0 +1,308 @@
+"""From a recipe to a plan: resolve files, identify every input, choose per key what to do.
+
+Everything that can be wrong with the inputs is found here, before any tensor is read: missing
+files, mixed architectures or prediction types, mis-shaped keys. The plan lists every output key
+with its source(s), so its header (and the output size) is known up front.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import arch as archmod
+from .checkpoint import OUTPUT_DTYPES, Header, read_header
+from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
+from .methods import get_method
+from .recipe import ComponentRule, Recipe
+
+GIB = 1024 ** 3
+OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
+
+
+@dataclass
+class Source:
+    """One input file: header + identification. `keys` maps canonical key -> stored key."""
+    name: str
+    path: str
+    header: Header
+    identity: archmod.Identity
+    keys: dict = field(default_factory=dict)
+
+    def has(self, key) -> bool:
+        return key in self.keys
+
+    def shape(self, key):
+        stored = self.keys[key]
+        return self.header.tensors[stored].shape
+
+
+@dataclass
+class KeyPlan:
+    key: str
+    shape: tuple
+    dtype: torch.dtype            # output dtype
+    action: str                   # merge | copy | position_ids | zeros
+    component: str = archmod.OTHER
+    block: str | None = None
+    method: str | None = None
+    params: dict = field(default_factory=dict)
+    pool: list = field(default_factory=list)     # source indices contributing
+    base: int | None = None
+    source: int | None = None    # for copy
+    reshape_from: tuple | None = None
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    arch: str
+    scale: int
+    prediction: str
+    sources: list
+    keys: list
+    output: str | None
+    log: list = field(default_factory=list)
+    component_summary: dict = field(default_factory=dict)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(math.prod(k.shape) * torch.empty((), dtype=k.dtype).element_size() for k in self.keys)
+
+    def peak_bytes(self, budget_bytes: int) -> int:
+        """Predicted peak private memory with this budget (chunked methods fill at most the budget)."""
+        need = 0
+        for kp in self.keys:
+            if kp.action != "merge":
+                continue
+            method = get_method(kp.method)
+            if method.streaming in ("elementwise", "two_pass", "gram"):
+                continue
+            need = max(need, method.resident(len(kp.pool)) * math.prod(kp.shape) * 8)
+        return OVERHEAD_BYTES + max(min(budget_bytes, self._chunk_floor()), need)
+
+    def _chunk_floor(self) -> int:
+        return 64 * 1024 ** 2
+
+    def check_budget(self, memory_gb: float):
+        budget = int(memory_gb * GIB)
+        peak = self.peak_bytes(budget)
+        if peak > budget + OVERHEAD_BYTES:
+            raise MemoryBudgetError(f"this merge needs about {peak / GIB:.2f} GiB but the budget is "
+                                    f"{memory_gb:.2f} GiB; raise --memory-gb to at least {math.ceil(peak / GIB * 10) / 10}")
+        return peak
+
+
+def resolve_file(name: str, models_dir: str | None, field_name: str) -> str:
+    candidates = []
+    if os.path.isabs(name):
+        candidates.append(name)
+    else:
+        if models_dir:
+            candidates.append(os.path.join(models_dir, name))
+        candidates.append(os.path.abspath(name))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    if any(os.path.isdir(p) for p in candidates):
+        raise RecipeError(field_name, f"{name!r} is a directory, not a checkpoint file")
+    where = f" in {models_dir}" if models_dir else ""
+    raise RecipeError(field_name, f"model file {name!r} not found{where}")
+
+
+def load_source(name, path) -> Source:
+    header = read_header(path)
+    ident = archmod.identify(header.shapes, header.metadata)
+    if ident.refusal:
+        raise CheckpointError(path, ident.refusal)
+    keys = {ident.canonical(k): k for k in header.tensors}
+    return Source(name, path, header, ident, keys)
+
+
+def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None = None) -> Plan:
+    names = recipe.files()
+    sources, index = [], {}
+    for name in names:
+        path = resolve_file(name, models_dir, _field_of(recipe, name))
+        index[name] = len(sources)
+        sources.append(load_source(name, path))
+    _check_compatible(recipe, sources, index)
+    first = sources[index[recipe.pool[0]]]
+    plan = Plan(recipe, first.identity.arch, first.identity.scale, first.identity.prediction, sources, [],
+                _output_path(recipe, models_dir, output))
+    rules = _component_rules(recipe)
+    _plan_keys(plan, rules, index)
+    return plan
+
+
+def _field_of(recipe: Recipe, name: str) -> str:
+    if name in recipe.pool:
+        return f"pool[{recipe.pool.index(name)}]"
+    if name == recipe.base:
+        return "base"
+    for comp, rule in recipe.components.items():
+        if name == rule.take:
+            return f"components.{comp}.take"
+        if rule.pool and name in rule.pool:
+            return f"components.{comp}.pool"
+        if name == rule.base:
+            return f"components.{comp}.base"
+    return "(file)"
+
+
+def _output_path(recipe, models_dir, output):
+    if output:
+        return os.path.abspath(output)
+    if recipe.output:
+        return os.path.join(models_dir or os.getcwd(), recipe.output)
+    return None
+
+
+def _check_compatible(recipe, sources, index):
+    ref = sources[index[recipe.pool[0]]]
+    for src in sources:
+        ident = src.identity
+        if (ident.arch, ident.scale) != (ref.identity.arch, ref.identity.scale):
+            raise ArchitectureError(
+                f"cannot merge {ref.name} ({ref.identity.title}) with {src.name} ({ident.title}): "
+                "all inputs must have the same architecture")
+        for key, stored in src.keys.items():
+            spec = archmod.layout(ident.arch, ident.scale).get(key)
+            shape = src.header.tensors[stored].shape
+            if spec and shape != spec.shape and key not in ident.reshapes:
+                raise ArchitectureError(f"{src.name}: key '{key}' has shape {list(shape)}, expected "
+                                        f"{list(spec.shape)} for {ident.title} (inpainting or another variant?)")
+    preds = {(s.identity.prediction, s.identity.ztsnr) for s in sources if s.name in recipe.pool or s.name == recipe.base}
+    if len(preds) > 1 and not recipe.allow_mixed_prediction:
+        detail = ", ".join(f"{s.name}: {s.identity.prediction}{'+ztsnr' if s.identity.ztsnr else ''}" for s in sources)
+        raise ArchitectureError(f"inputs disagree on the prediction type ({detail}); set "
+                                "'allow_mixed_prediction': true to merge them anyway")
+
+
+def _component_rules(recipe: Recipe) -> dict:
+    rules = {}
+    for comp in archmod.COMPONENTS:
+        rule = recipe.components.get(comp) or ComponentRule()
+        if rule.take:
+            rules[comp] = rule
+            continue
+        method = rule.method or recipe.method
+        rules[comp] = ComponentRule(
+            method=method, params=rule.params if rule.params is not None else recipe.params,
+            pool=rule.pool or recipe.pool, base=rule.base or recipe.base,
+            blocks=rule.blocks if rule.blocks is not None else (recipe.blocks if method == recipe.method else {}))
+    return rules
+
+
+def _out_dtype(recipe, info_dtype, is_float):
+    return OUTPUT_DTYPES[recipe.dtype] if is_float else info_dtype
+
+
+def _plan_keys(plan: Plan, rules: dict, index: dict):
+    recipe, arch, scale = plan.recipe, plan.arch, plan.scale
+    lay = archmod.layout(arch, scale)
+    position_key = archmod.POSITION_IDS.get(arch)
+    involved = [plan.sources[i] for i in sorted({index[n] for n in recipe.files()})]
+    filled = {}
+    for key, spec in lay.items():
+        comp = spec.component
+        if key == position_key:
+            if recipe.position_ids == "reset":
+                plan.keys.append(KeyPlan(key, spec.shape, torch.int64, "position_ids", comp, note="int64 0..76"))
+            continue
+        holders = [i for i, s in enumerate(plan.sources) if s.has(key)]
+        if not holders:
+            if not spec.optional:
+                plan.log.append(f"{key}: no input has this key; it is left out (repair the inputs first)")
+            continue
+        rule = rules[comp]
+        kp = _plan_one(plan, key, spec, comp, rule, index, filled)
+        plan.keys.append(kp)
+    _plan_extras(plan, involved)
+    for comp, n in filled.items():
+        plan.log.append(f"{comp}: {n} key(s) of partial inputs were filled from the base")
+    for comp in archmod.COMPONENTS:
+        if comp in {s.component for s in lay.values()}:
+            rule = rules[comp]
+            plan.component_summary[comp] = (f"take from {rule.take}" if rule.take
+                                            else f"{rule.method} over {len(rule.pool)} model(s)")
+
+
+def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
+    recipe = plan.recipe
+    sources = plan.sources
+
+    def stored_info(i):
+        return sources[i].header.tensors[sources[i].keys[key]]
+
+    if rule.take:
+        name = recipe.base if rule.take == "base" else rule.take
+        i = index[name]
+        if not sources[i].has(key):
+            fallback = next((j for j, s in enumerate(sources) if s.has(key)), None)
+            plan.log.append(f"{key}: {name} lacks it; taken from {sources[fallback].name}")
+            i = fallback
+        info = stored_info(i)
+        return KeyPlan(key, spec.shape, _out_dtype(recipe, info.dtype, info.is_float), "copy", comp,
+                       source=i, reshape_from=_reshape(sources[i], key, spec))
+    method = get_method(rule.method)
+    base = index[rule.base] if rule.base else None
+    pool = []
+    for name in rule.pool:
+        i = index[name]
+        if sources[i].has(key):
+            pool.append(i)
+        elif base is not None and sources[base].has(key):
+            pool.append(base)
+            filled[comp] = filled.get(comp, 0) + 1
+        else:
+            plan.log.append(f"{key}: {name} lacks it and there is no base to fill from; merged without it")
+    first = pool[0] if pool else next(i for i, s in enumerate(sources) if s.has(key))
+    info = stored_info(first)
+    out_dtype = _out_dtype(recipe, info.dtype, info.is_float)
+    block = archmod.block_of(key, plan.arch)
+    if not info.is_float:
+        return KeyPlan(key, spec.shape, out_dtype, "copy", comp, source=first, note="integer tensor: never merged")
+    base_ok = base is not None and sources[base].has(key)
+    if len(pool) < method.min_models or (method.needs_base and not base_ok) or \
+            (method.max_models is not None and len(pool) != len(rule.pool)):
+        why = "base lacks this key" if method.needs_base and not base_ok else f"only {len(pool)} of {len(rule.pool)} inputs have it"
+        plan.log.append(f"{key}: {why}; copied from {sources[first].name}")
+        return KeyPlan(key, spec.shape, out_dtype, "copy", comp, source=first, reshape_from=_reshape(sources[first], key, spec))
+    params = dict(rule.params)
+    if rule.blocks and method.block_param and block in rule.blocks:
+        params[method.block_param] = rule.blocks[block]
+    return KeyPlan(key, spec.shape, out_dtype, "merge", comp, block=block, method=rule.method, params=params,
+                   pool=pool, base=base if method.needs_base else None)
+
+
+def _reshape(source, key, spec):
+    shape = source.shape(key)
+    return shape if shape != spec.shape else None
+
+
+def _plan_extras(plan: Plan, involved):
+    """Markers and schedule buffers are carried, never merged; EMA and unknown keys are dropped (logged)."""
+    recipe = plan.recipe
+    seen = set()
+    pool_names = set(recipe.pool) | ({recipe.base} if recipe.base else set())
+    ordered = [i for i, s in enumerate(plan.sources) if s.name in pool_names]
+    for i in ordered:
+        src = plan.sources[i]
+        for key in src.identity.markers + src.identity.schedule:
+            if key in seen:
+                continue
+            seen.add(key)
+            info = src.header.tensors[src.keys[key]]
+            plan.keys.append(KeyPlan(key, info.shape, info.dtype, "copy", archmod.OTHER, source=i,
+                                     note="marker / schedule buffer: copied, never merged"))
+    dropped = {}
+    for src in involved:
+        for kind, keys in (("EMA", src.identity.ema), ("unknown", src.identity.unknown), ("junk", src.identity.junk)):
+            if keys:
+                dropped.setdefault(kind, []).append(f"{src.name}: {len(keys)}")
+    for kind, items in dropped.items():
+        plan.log.append(f"dropped {kind} keys ({'; '.join(items)})")
