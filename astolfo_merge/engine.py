@@ -78,7 +78,8 @@ def key_seed(seed: int, key: str) -> int:
 class FileKeyInputs(KeyInputs):
     """The N pool tensors (+ base) of one key, read from files in row chunks."""
 
-    def __init__(self, plan: Plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log):
+    def __init__(self, plan: Plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, state=None):
+        self.state = state
         self.key, self.shape, self.n = kp.key, tuple(kp.shape), len(kp.pool)
         self.has_base, self.dtype, self.device = kp.base is not None, dtype, device
         self.seed = key_seed(plan.recipe.seed, kp.key)
@@ -194,12 +195,13 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
+    states = _prepare_methods(plan, readers, log, report)
     try:
         with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
             for n, kp in enumerate(plan.keys):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel):
+                for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states):
                     writer.write(kp.key, chunk)
                 done_bytes += math.prod(kp.shape) * torch.empty((), dtype=kp.dtype).element_size()
                 report(key=kp.key, keys_done=n + 1)
@@ -213,33 +215,62 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
                        log, dict(plan.component_summary))
 
 
-def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel):
+def _prepare_methods(plan: Plan, readers, log, report) -> dict:
+    """Run each used method's whole-plan `prepare` stage once (method name -> state)."""
+    states = {}
+    for name in dict.fromkeys(k.method for k in plan.keys if k.action == "merge"):
+        method = get_method(name)
+        if method.prepare is not None:
+            report(f"preparing {name}")
+            states[name] = method.prepare(plan, readers, log, report)
+    return states
+
+
+def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states=None):
+    for start, stop, chunk in _raw_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states or {}):
+        for post in kp.post:
+            chunk = post(chunk, start, stop)
+        if chunk.is_floating_point() and kp.action == "merge":
+            chunk = _check_finite(plan, kp, chunk, log)
+        yield chunk.to(device="cpu", dtype=kp.dtype)
+
+
+def _check_finite(plan, kp, chunk, log):
+    if torch.isfinite(chunk).all():
+        return chunk
+    policy = plan.recipe.nonfinite
+    files = [plan.sources[i].name for i in kp.pool]
+    if policy == "fail":
+        raise MergeKeyError(kp.key, "the merge produced NaN/Inf values (set 'nonfinite' to 'keep' to write them anyway)", files)
+    log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
+    return chunk if policy == "keep" else torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states):
+    """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
+    rows = kp.shape[0] if kp.shape else 1
     if kp.action == "position_ids":
-        yield torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
+        yield 0, rows, torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
         return
     if kp.action == "copy":
         src = plan.sources[kp.source]
         t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
-        yield t.to(kp.dtype) if t.is_floating_point() else t
+        if kp.post and t.is_floating_point():
+            t = t.to(device=device, dtype=dtype)
+        yield 0, rows, t
         return
     method = get_method(kp.method)
-    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log)
+    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method))
     files = [plan.sources[i].name for i in kp.pool]
+    start = 0
     try:
         for chunk in method.run(inputs, kp.params):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            if not torch.isfinite(chunk).all():
-                policy = plan.recipe.nonfinite
-                if policy == "fail":
-                    raise MergeKeyError(kp.key, "the merge produced NaN/Inf values (set 'nonfinite' to 'keep' to write them anyway)", files)
-                log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
-                if policy != "keep":
-                    chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
-            yield chunk.to(device="cpu", dtype=kp.dtype)
-    except (MergeKeyError, Cancelled):
-        raise
-    except RecipeError:
+            n = chunk.shape[0] if kp.shape and chunk.dim() == len(kp.shape) else rows
+            yield start, start + n, chunk
+            start += n
+    except (MergeKeyError, Cancelled, RecipeError):
         raise
     except Exception as exc:  # noqa: BLE001 - any method failure is reported with the key and files
         raise MergeKeyError(kp.key, f"{method.name} failed: {exc.__class__.__name__}: {exc}", files) from exc

@@ -54,6 +54,9 @@ class KeyPlan:
     source: int | None = None    # for copy
     reshape_from: tuple | None = None
     note: str = ""
+    # Post-processing applied to every produced chunk, in order: post(chunk, start_row, stop_row) -> chunk,
+    # in the compute dtype before the cast to `dtype` (e.g. LoRA bake-in adds its delta here).
+    post: list = field(default_factory=list)
 
 
 @dataclass

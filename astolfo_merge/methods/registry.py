@@ -90,6 +90,9 @@ class Method:
     preset_of: str | None = None
     fixed: dict = field(default_factory=dict)   # preset values (not shown in forms)
     resident: Callable[[int], int] = lambda n: n + 2  # tensors of one chunk held at once
+    # Optional whole-plan stage run once before the key loop (e.g. Re-Basin's weight matching):
+    # prepare(plan, readers, log, progress) -> state; each key's inputs then expose it as `inputs.state`.
+    prepare: Callable | None = None
 
     def param(self, name) -> Param:
         for p in self.params:
@@ -143,6 +146,7 @@ class KeyInputs:
     dtype: torch.dtype = torch.float64
     device: torch.device = torch.device("cpu")
     seed: int = 0
+    state: object = None         # what the method's `prepare` returned (None without one)
 
     @property
     def rows(self) -> int:
