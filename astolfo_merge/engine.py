@@ -35,6 +35,7 @@ class RunOptions:
     overwrite: bool = False
     hash_inputs: bool = True
     hash_cache: HashCache | None = None
+    chunk_bytes: int | None = None   # override the per-key chunk budget (tests, benchmarks)
 
 
 @dataclass
@@ -193,7 +194,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
 
     hashes = _input_hashes(plan, options, report)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    chunk_bytes = max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
+    chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
     states = _prepare_methods(plan, readers, log, report)
     try:
