@@ -205,20 +205,24 @@ class CheckpointReader:
             return self._legacy[key].clone()
         return self._pread(info, info.begin, info.end).reshape(info.shape)
 
-    def read_rows(self, key, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) along dim 0 (a 0-/1-element tensor counts as one row)."""
+    def read_rows(self, key, start: int, stop: int, scratch: np.ndarray | None = None) -> torch.Tensor:
+        """Rows [start, stop) along dim 0 (a 0-/1-element tensor counts as one row).
+
+        With `scratch` (a uint8 buffer at least that large) the bytes land there and the result is a
+        view of it: valid until the next read into the same scratch (callers convert right away).
+        """
         info = self.info(key)
         if len(info.shape) == 0:
             return self.read(key)
         if self._legacy is not None:
             return self._legacy[key][start:stop].clone()
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
-        flat = self._pread(info, info.begin + start * row, info.begin + stop * row)
+        flat = self._pread(info, info.begin + start * row, info.begin + stop * row, scratch)
         return flat.reshape((stop - start,) + tuple(info.shape[1:]))
 
-    def _pread(self, info: TensorInfo, begin: int, end: int) -> torch.Tensor:
+    def _pread(self, info: TensorInfo, begin: int, end: int, scratch=None) -> torch.Tensor:
         size = end - begin
-        buf = np.empty(size, dtype=np.uint8)
+        buf = scratch[:size] if scratch is not None and len(scratch) >= size else np.empty(size, dtype=np.uint8)
         view, done = memoryview(buf), 0
         while done < size:
             got = os.preadv(self._fd, [view[done:]], self.header.data_start + begin + done)

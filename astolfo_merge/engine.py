@@ -8,6 +8,7 @@ produced. Cancel and errors abort the writer, so nothing half-written stays behi
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -84,18 +86,33 @@ class FileKeyInputs(KeyInputs):
         self.key, self.shape, self.n = kp.key, tuple(kp.shape), len(kp.pool)
         self.has_base, self.dtype, self.device = kp.base is not None, dtype, device
         self.seed = key_seed(plan.recipe.seed, kp.key)
+        self.recipe_seed, self.budget_bytes = plan.recipe.seed, chunk_bytes
         self._plan, self._kp, self._readers = plan, kp, readers
         self._chunk_bytes, self._log = chunk_bytes, log
+        self._scratch = None
+
+    def _raw_scratch(self, nbytes):
+        """One reusable landing buffer for raw bytes (converted to the compute dtype at once)."""
+        if self._scratch is None or len(self._scratch) < nbytes:
+            self._scratch = np.empty(nbytes, dtype=np.uint8)
+        return self._scratch
 
     def _read(self, source, start, stop):
         src = self._plan.sources[source]
-        t = self._readers[source].read_rows(src.keys[self.key], start, stop)
+        stored = src.keys[self.key]
+        info = self._readers[source].info(stored)
+        rows = max(1, info.shape[0]) if info.shape else 1
+        scratch = self._raw_scratch(info.nbytes // rows * (stop - start)) if info.shape and self._readers[source].header.format == "safetensors" else None
+        t = self._readers[source].read_rows(stored, start, stop, scratch)
         rows = stop - start if self.shape else None
         t = t.reshape(((rows,) + self.shape[1:]) if self.shape else ())
         return t.to(device=self.device, dtype=self.dtype, copy=True)
 
     def read_rows(self, i, start, stop):
-        return self._read(self._kp.pool[i], start, stop)
+        t = self._read(self._kp.pool[i], start, stop)
+        for pre in self._kp.pre.get(i, ()):
+            t = pre(t, start, stop)
+        return t
 
     def read_base_rows(self, start, stop):
         return self._read(self._kp.base, start, stop)
@@ -171,8 +188,13 @@ def _input_hashes(plan: Plan, options: RunOptions, report) -> dict:
 
 
 def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[[Progress], None] | None = None,
-              cancel: threading.Event | None = None) -> MergeResult:
+              cancel: threading.Event | None = None, *, post_process: bool = True) -> MergeResult:
+    """Run `plan`. `post_process=False` runs exactly this plan, skipping recipe-level post-processes
+    (the Fermat a→b→c stage, ALGORITHMS.md §14.3, runs its own stage plans that way)."""
     options = options or RunOptions()
+    if post_process and plan.recipe.extra.get("fermat"):
+        from .rebasin.fermat import run_fermat
+        return run_fermat(plan, options, progress, cancel)
     if plan.output is None:
         raise RecipeError("output", "no output file given")
     plan.check_budget(options.memory_gb)
@@ -196,8 +218,8 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
-    states = _prepare_methods(plan, readers, log, report)
     try:
+        states = _prepare_methods(plan, readers, log, report, cancel)
         with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
             for n, kp in enumerate(plan.keys):
                 if cancel is not None and cancel.is_set():
@@ -216,14 +238,16 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
                        log, dict(plan.component_summary))
 
 
-def _prepare_methods(plan: Plan, readers, log, report) -> dict:
-    """Run each used method's whole-plan `prepare` stage once (method name -> state)."""
+def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
+    """Run each used method's whole-plan `prepare` stage once (method name -> state). A prepare that
+    declares a `cancel` parameter gets the job's cancel event (long stages check it)."""
     states = {}
     for name in dict.fromkeys(k.method for k in plan.keys if k.action == "merge"):
         method = get_method(name)
         if method.prepare is not None:
             report(f"preparing {name}")
-            states[name] = method.prepare(plan, readers, log, report)
+            extra = {"cancel": cancel} if "cancel" in inspect.signature(method.prepare).parameters else {}
+            states[name] = method.prepare(plan, readers, log, report, **extra)
     return states
 
 

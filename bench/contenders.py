@@ -1,0 +1,78 @@
+"""One merge per process, so each contender's memory is measured alone.
+
+usage: python bench/contenders.py (ours|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ours(method, out, inputs, base, memory_gb, params, precision):
+    from astolfo_merge.engine import RunOptions, run_merge
+    from astolfo_merge.plan import build_plan
+    from astolfo_merge.recipe import parse_recipe
+    doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16"}
+    if base:
+        doc["base"] = base
+    plan = build_plan(parse_recipe(doc), None, out)
+    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False))
+
+
+def mecha(method, out, inputs, base, memory_gb, params, precision):
+    import torch
+    import sd_mecha
+    models = [sd_mecha.model(p) for p in inputs]
+    dtype = torch.float64 if precision == "fp64" else torch.float32
+    if method == "n_average":
+        recipe = sd_mecha.n_average(*models)
+    elif method == "ties":
+        b = sd_mecha.model(base)
+        deltas = [sd_mecha.subtract(m, b) for m in models]
+        recipe = sd_mecha.add_difference(b, sd_mecha.ties_sum(*deltas, k=params.get("k", 0.2), vote_sgn=True), alpha=1.0)
+    elif method == "model_stock":
+        b = sd_mecha.model(base)
+        recipe = sd_mecha.n_model_stock(b, *models)
+    elif method == "geometric_median":
+        recipe = sd_mecha.geometric_median(*models)
+    else:
+        raise SystemExit(f"no sd-mecha mapping for {method}")
+    sd_mecha.merge(recipe, merge_dtype=dtype, output_dtype=torch.float16, output=out, threads=1,
+                   check_finite_output=False)
+
+
+def naive(method, out, inputs, base, memory_gb, params, precision):
+    """Load every model whole, average in fp32, save: what notebooks do."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    sds = [load_file(p) for p in inputs]
+    result = {}
+    for k in sds[0]:
+        if sds[0][k].is_floating_point():
+            result[k] = (sum(sd[k].float() for sd in sds) / len(sds)).half()
+        else:
+            result[k] = sds[0][k]
+    save_file(result, out)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    who, method, out = args[:3]
+    rest, base, memory_gb, params, precision = [], None, 1.5, {}, "fp64"
+    it = iter(args[3:])
+    for a in it:
+        if a == "--base":
+            base = next(it)
+        elif a == "--memory-gb":
+            memory_gb = float(next(it))
+        elif a == "--params":
+            params = json.loads(next(it))
+        elif a == "--precision":
+            precision = next(it)
+        else:
+            rest.append(a)
+    t = time.time()
+    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision)
+    print(f"{who} {method} done in {time.time() - t:.1f} s")
