@@ -153,6 +153,7 @@ class Identity:
     evidence: list = field(default_factory=list)
     runner_up: list = field(default_factory=list)
     refusal: str | None = None       # why this is not a mergeable SD checkpoint
+    candidates: list = field(default_factory=list)   # every architecture that explains the file equally well
 
     @property
     def title(self) -> str:
@@ -182,11 +183,14 @@ class Identity:
 
 
 _FOREIGN = [
-    (re.compile(r"^(lora_unet_|lora_te\d?_)|\.(lora_up|lora_down|hada_w1_a|lokr_w1|lora_A|lora_B)\."), "a LoRA / LyCORIS file, not a checkpoint: bake it into a model instead"),
+    (re.compile(r"^(lora_unet_|lora_te\d?_)|\.(lora_up|lora_down|hada_w1_a|lokr_w1|lora_A|lora_B)\."), "a LoRA / LyCORIS file, not a checkpoint: list it under \"loras\" in the recipe (file + strength) to bake it into the merge, or run `bake`"),
     (re.compile(r"^(down_blocks|up_blocks|mid_block|time_embedding|add_embedding)\.|^(unet|text_encoder|text_encoder_2|vae)\."), "a diffusers-layout model: convert it to the single-file (LDM) layout first"),
     (re.compile(r"^(te1|te2)\."), "a kohya intermediate layout: convert it to the single-file (LDM) layout first"),
     (re.compile(r"x_embedder\.proj\.weight$|^text_encoders\.(clip_l|clip_g|t5xxl)\."), "an SD3 model: not supported"),
     (re.compile(r"(^|\.)(double_blocks|single_blocks)\."), "a FLUX model: not supported"),
+    (re.compile(r"^(encoder|decoder)\.(conv_in|down|up|mid)\.|^(quant_conv|post_quant_conv)\."), "a stand-alone VAE file, not a full checkpoint"),
+    (re.compile(r"^(input_blocks|middle_block|output_blocks)\."), "a bare UNET without the LDM prefix, not a full checkpoint"),
+    (re.compile(r"^(text_model\.|transformer\.resblocks\.)"), "a stand-alone text encoder, not a full checkpoint"),
 ]
 
 _SIGNATURES = {  # (key, full-size dim 0) pairs used to guess the scale
@@ -235,6 +239,8 @@ def identify(shapes: dict, metadata: dict | None = None) -> Identity:
     if hit == 0:
         return Identity(None, refusal="no Stable Diffusion (SD1/SD2/SDXL) keys found", renames=renames)
     ident = Identity(arch, scale, renames=renames)
+    # a file holding only shared parts (e.g. just a VAE) fits several architectures equally well
+    ident.candidates = [a for sc, a, s, _h in scores if sc == score and s == scale]
     ident.runner_up = [f"{ARCH_TITLES[a]}@1/{s}: {sc}" for sc, a, s, _h in scores[1:3]]
     ident.evidence = _evidence(normalized, arch, scale)
     _fill_components(ident, normalized)

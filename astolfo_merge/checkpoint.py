@@ -8,18 +8,21 @@ for, never the whole file. Legacy `.ckpt`/`.pt` go only through
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
-import secrets
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .errors import CheckpointError, OutputExistsError
+from .errors import AstolfoError, CheckpointError, OutputExistsError
+
+PARTIAL_SUFFIX = ".partial"
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
@@ -242,6 +245,12 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(as_int).numpy()).cast("B")
 
 
+class OutputBusyError(AstolfoError):
+    def __init__(self, target):
+        self.target = str(target)
+        super().__init__(f"{self.target}: another merge is writing this file right now; wait for it or pick another name")
+
+
 class SafetensorsWriter:
     """Streams tensors into `<target>` through a hidden temp file in the same folder.
 
@@ -249,7 +258,9 @@ class SafetensorsWriter:
     written in that order, in as many chunks as the caller likes. `commit()` fsyncs and renames
     atomically (refusing to replace an existing file unless `overwrite`); `abort()` or leaving
     the `with` block on an exception removes the temp file, so nothing half-written is ever
-    visible under the target name.
+    visible under the target name. The temp file `.<name>.partial` is held under an exclusive
+    lock: a second writer of the same output is refused, and a temp file left by a killed
+    process (lock released by the kernel) is reclaimed.
     """
 
     def __init__(self, target, entries, metadata=None, overwrite=False):
@@ -274,11 +285,12 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
         self.total_bytes = 8 + len(blob) + offset
-        self.tmp = os.path.join(folder, f".{os.path.basename(self.target)}.{secrets.token_hex(4)}.partial")
-        self._f = open(self.tmp, "xb")
+        self.tmp = partial_path(self.target)
+        self._f = _open_locked(self.tmp, self.target)
         self._hash = hashlib.sha256()
         self._index, self._left = 0, (self._sizes[0] if self._sizes else 0)
         self._emit(struct.pack("<Q", len(blob)) + blob)
+        self._mark = (0, self._f.tell(), self._hash.copy())
         self.sha256 = None
 
     def __enter__(self):
@@ -309,9 +321,19 @@ class SafetensorsWriter:
         if self._left == 0:
             self._advance()
 
+    def rewind(self, key):
+        """Start the current (unfinished) tensor `key` over: its chunks are produced again."""
+        index, offset, digest = self._mark
+        if index >= len(self.entries) or self.entries[index][0] != key or self._index != index:
+            raise RuntimeError(f"cannot rewind '{key}': it is not the tensor being written")
+        self._f.seek(offset)
+        self._hash = digest.copy()
+        self._left = self._sizes[index]
+
     def _advance(self):
         self._index += 1
         self._left = self._sizes[self._index] if self._index < len(self._sizes) else 0
+        self._mark = (self._index, self._f.tell(), self._hash.copy())
 
     def commit(self) -> str:
         while self._index < len(self.entries) and self._sizes[self._index] == 0:
@@ -320,7 +342,6 @@ class SafetensorsWriter:
             raise RuntimeError(f"writer closed before tensor '{self.entries[self._index][0]}' was written")
         self._f.flush()
         os.fsync(self._f.fileno())
-        self._f.close()
         if self.overwrite:
             os.replace(self.tmp, self.target)
         else:
@@ -330,17 +351,45 @@ class SafetensorsWriter:
                 self.abort()
                 raise OutputExistsError(self.target) from None
             os.unlink(self.tmp)
+        self._f.close()   # releases the lock only once the temp name is gone
         _fsync_dir(os.path.dirname(self.target))
         self.sha256 = self._hash.hexdigest()
         return self.sha256
 
     def abort(self):
         try:
+            if not self._f.closed and os.path.exists(self.tmp):
+                os.unlink(self.tmp)
+        finally:
             if not self._f.closed:
                 self._f.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+
+
+def partial_path(target) -> str:
+    target = os.path.abspath(os.fspath(target))
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL_SUFFIX}")
+
+
+def _open_locked(tmp, target):
+    """Open and exclusively lock the temp file, reclaiming one left behind by a dead process."""
+    for _attempt in range(5):
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputBusyError(target) from None
+            raise
+        try:
+            same = os.stat(tmp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:   # we hold the lock on the file that carries the name
+            os.ftruncate(fd, 0)
+            return os.fdopen(fd, "wb")
+        os.close(fd)   # the name was unlinked/replaced under us: try again
+    raise OutputBusyError(target)
 
 
 def _fsync_dir(folder):

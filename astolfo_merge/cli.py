@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -178,11 +179,17 @@ def _load_extensions():
 def main(argv=None) -> int:
     _load_extensions()
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGXFSZ"):   # a file-size limit becomes an OSError we clean up after, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return args.func(args) or 0
     except AstolfoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ produced. Cancel and errors abort the writer, so nothing half-written stays behi
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -72,6 +73,14 @@ class MergeResult:
                 f"  sha256 {self.sha256}\n  components: {comps}")
 
 
+class NonFiniteInput(Exception):
+    """Internal: input `source` has NaN/Inf in the key being read (handled by the nonfinite policy)."""
+
+    def __init__(self, source):
+        super().__init__(source)
+        self.source = source
+
+
 def key_seed(seed: int, key: str) -> int:
     """Per-key seed: independent of key order and thread count."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
@@ -90,6 +99,7 @@ class FileKeyInputs(KeyInputs):
         self._plan, self._kp, self._readers = plan, kp, readers
         self._chunk_bytes, self._log = chunk_bytes, log
         self._scratch = None
+        self._check_finite = plan.recipe.nonfinite in ("fail", "skip")
 
     def _raw_scratch(self, nbytes):
         """One reusable landing buffer for raw bytes (converted to the compute dtype at once)."""
@@ -106,11 +116,15 @@ class FileKeyInputs(KeyInputs):
         t = self._readers[source].read_rows(stored, start, stop, scratch)
         rows = stop - start if self.shape else None
         t = t.reshape(((rows,) + self.shape[1:]) if self.shape else ())
-        return t.to(device=self.device, dtype=self.dtype, copy=True)
+        t = t.to(device=self.device, dtype=self.dtype, copy=True)
+        if self._check_finite and not torch.isfinite(t).all():
+            raise NonFiniteInput(source)
+        return t
 
     def read_rows(self, i, start, stop):
-        t = self._read(self._kp.pool[i], start, stop)
-        for pre in self._kp.pre.get(i, ()):
+        source = self._kp.pool[i]
+        t = self._read(source, start, stop)
+        for pre in self._kp.pre.get(source, ()):    # e.g. a LoRA baked into this pool member first
             t = pre(t, start, stop)
         return t
 
@@ -218,16 +232,19 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
+    # Test-only: seconds to sleep per key, so tests can observe and interrupt a tiny merge midway.
+    test_delay = float(os.environ.get("ASTOLFO_TEST_SLOW_KEYS", "0") or 0)
     try:
         states = _prepare_methods(plan, readers, log, report, cancel)
         with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
             for n, kp in enumerate(plan.keys):
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states):
-                    writer.write(kp.key, chunk)
+                _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states)
                 done_bytes += math.prod(kp.shape) * torch.empty((), dtype=kp.dtype).element_size()
                 report(key=kp.key, keys_done=n + 1)
+                if test_delay:
+                    time.sleep(test_delay)
             sha = writer.commit()
     finally:
         for r in readers:
@@ -251,6 +268,33 @@ def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
     return states
 
 
+def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states):
+    """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone."""
+    while True:
+        try:
+            for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states):
+                writer.write(kp.key, chunk)
+            return
+        except NonFiniteInput as bad:
+            name = plan.sources[bad.source].name
+            if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
+                raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
+                                    "such inputs out of such keys, or to 'keep')", [name]) from None
+            writer.rewind(kp.key)
+            kp = _without(kp, bad.source)
+            log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
+
+
+def _without(kp: KeyPlan, source: int) -> KeyPlan:
+    pool = [i for i in kp.pool if i != source]
+    method = get_method(kp.method)
+    if not pool:
+        raise MergeKeyError(kp.key, "every input has NaN/Inf values here")
+    if len(pool) < method.min_models or (method.max_models is not None and len(pool) != len(kp.pool)):
+        return dataclasses.replace(kp, action="copy", source=pool[0], pool=pool)
+    return dataclasses.replace(kp, pool=pool)
+
+
 def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states=None):
     for start, stop, chunk in _raw_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states or {}):
         for post in kp.post:
@@ -265,8 +309,9 @@ def _check_finite(plan, kp, chunk, log):
         return chunk
     policy = plan.recipe.nonfinite
     files = [plan.sources[i].name for i in kp.pool]
-    if policy == "fail":
-        raise MergeKeyError(kp.key, "the merge produced NaN/Inf values (set 'nonfinite' to 'keep' to write them anyway)", files)
+    if policy in ("fail", "skip"):
+        raise MergeKeyError(kp.key, "the merge produced NaN/Inf values from finite inputs (set 'nonfinite' to "
+                            "'keep' to write them, or 'zero' for the seed author's zeroing)", files)
     log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
     return chunk if policy == "keep" else torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -280,6 +325,8 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
     if kp.action == "copy":
         src = plan.sources[kp.source]
         t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
+        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not torch.isfinite(t).all():
+            raise NonFiniteInput(kp.source)
         if kp.post and t.is_floating_point():
             t = t.to(device=device, dtype=dtype)
         yield 0, rows, t
@@ -295,7 +342,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
             n = chunk.shape[0] if kp.shape and chunk.dim() == len(kp.shape) else rows
             yield start, start + n, chunk
             start += n
-    except (MergeKeyError, Cancelled, RecipeError):
+    except (MergeKeyError, Cancelled, RecipeError, NonFiniteInput):
         raise
     except Exception as exc:  # noqa: BLE001 - any method failure is reported with the key and files
         raise MergeKeyError(kp.key, f"{method.name} failed: {exc.__class__.__name__}: {exc}", files) from exc

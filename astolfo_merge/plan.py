@@ -57,6 +57,10 @@ class KeyPlan:
     # Post-processing applied to every produced chunk, in order: post(chunk, start_row, stop_row) -> chunk,
     # in the compute dtype before the cast to `dtype` (e.g. LoRA bake-in adds its delta here).
     post: list = field(default_factory=list)
+    # Pre-processing of the inputs: source index -> [pre(rows, start_row, stop_row) -> rows], applied to what
+    # the method reads of that source as a pool member (compute dtype; never to base reads), e.g. a LoRA
+    # baked into it before the merge.
+    pre: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Plan:
             if kp.action != "merge":
                 continue
             method = get_method(kp.method)
+            if method.workspace is not None:   # whole-tensor statistics held beside the chunks
+                need = max(need, min(budget_bytes, self._chunk_floor()) + method.workspace(kp.shape, len(kp.pool), kp.params))
             if method.streaming in ("elementwise", "two_pass", "gram"):
                 continue
             need = max(need, method.resident(len(kp.pool)) * math.prod(kp.shape) * 8)
@@ -138,6 +144,9 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
                 _output_path(recipe, models_dir, output))
     rules = _component_rules(recipe)
     _plan_keys(plan, rules, index)
+    if recipe.extra.get("loras"):
+        from .lora import attach_loras
+        attach_loras(plan, models_dir)
     return plan
 
 
@@ -168,7 +177,8 @@ def _check_compatible(recipe, sources, index):
     ref = sources[index[recipe.pool[0]]]
     for src in sources:
         ident = src.identity
-        if (ident.arch, ident.scale) != (ref.identity.arch, ref.identity.scale):
+        if ident.scale != ref.identity.scale or (ident.arch != ref.identity.arch
+                                                 and ref.identity.arch not in ident.candidates):
             raise ArchitectureError(
                 f"cannot merge {ref.name} ({ref.identity.title}) with {src.name} ({ident.title}): "
                 "all inputs must have the same architecture")
@@ -178,6 +188,13 @@ def _check_compatible(recipe, sources, index):
             if spec and shape != spec.shape and key not in ident.reshapes:
                 raise ArchitectureError(f"{src.name}: key '{key}' has shape {list(shape)}, expected "
                                         f"{list(spec.shape)} for {ident.title} (inpainting or another variant?)")
+    for comp, rule in _component_rules(recipe).items():
+        for name in rule.pool or []:
+            status = sources[index[name]].identity.components.get(comp)
+            if status is not None and status.status == "absent":
+                raise ArchitectureError(
+                    f"{name} has no {comp.upper()} (a component-only file?); it cannot be a pool member for "
+                    f"{comp}: use it as components.{comp}.take, or give that component its own pool")
     preds = {(s.identity.prediction, s.identity.ztsnr) for s in sources if s.name in recipe.pool or s.name == recipe.base}
     if len(preds) > 1 and not recipe.allow_mixed_prediction:
         detail = ", ".join(f"{s.name}: {s.identity.prediction}{'+ztsnr' if s.identity.ztsnr else ''}" for s in sources)
@@ -253,16 +270,18 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
                        source=i, reshape_from=_reshape(sources[i], key, spec))
     method = get_method(rule.method)
     base = index[rule.base] if rule.base else None
-    pool = []
+    pool, stand_in, without = [], [], []
     for name in rule.pool:
         i = index[name]
         if sources[i].has(key):
             pool.append(i)
         elif base is not None and sources[base].has(key):
             pool.append(base)
+            stand_in.append(name)
             filled[comp] = filled.get(comp, 0) + 1
         else:
-            plan.log.append(f"{key}: {name} lacks it and there is no base to fill from; merged without it")
+            without.append(name)
+    _log_contributors(plan, key, len(rule.pool), stand_in, without, sources[base].name if base is not None else None)
     first = pool[0] if pool else next(i for i, s in enumerate(sources) if s.has(key))
     info = stored_info(first)
     out_dtype = _out_dtype(recipe, info.dtype, info.is_float)
@@ -280,6 +299,18 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
         params[method.block_param] = rule.blocks[block]
     return KeyPlan(key, spec.shape, out_dtype, "merge", comp, block=block, method=rule.method, params=params,
                    pool=pool, base=base if method.needs_base else None)
+
+
+def _log_contributors(plan, key, n, stand_in, without, base_name):
+    """One log line per key that not every pool input has: how many contributed their own value."""
+    if not stand_in and not without:
+        return
+    own = n - len(stand_in) - len(without)
+    if stand_in:
+        plan.log.append(f"{key}: {own} of {n} inputs have it; the base {base_name} fills in for {', '.join(stand_in)}")
+    else:
+        plan.log.append(f"{key}: {own} of {n} inputs have it; {', '.join(without)} lack(s) it and there is no base "
+                        "to fill from; merged without it")
 
 
 def _reshape(source, key, spec):

@@ -17,7 +17,7 @@ from .methods import get_method
 RECIPE_VERSION = 1
 PRECISIONS = ("fp32", "fp64")
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
-NONFINITE = ("fail", "skip", "keep")
+NONFINITE = ("fail", "skip", "keep", "zero")  # inputs: fail / skip that input for that key / keep; zero = nan_to_num outputs
 TOP_FIELDS = {"version", "pool", "base", "method", "params", "blocks", "components", "seed", "precision",
               "dtype", "output", "allow_mixed_prediction", "nonfinite", "position_ids", "loras", "fermat", "note"}
 COMPONENT_FIELDS = {"take", "method", "params", "pool", "base", "blocks"}
