@@ -27,7 +27,22 @@ def inspect_file(path) -> dict:
         report.update(diagnose(header, ident))
     except ImportError:
         pass
+    if report.get("refusal"):
+        _add_lora_description(report, header)
     return report
+
+
+def _add_lora_description(report, header):
+    """A LoRA / LyCORIS file is refused as a checkpoint; say what it is instead (type, rank, components)."""
+    try:
+        from .lora import describe
+    except ImportError:
+        return
+    lora = describe(header)
+    if lora:
+        report["lora"] = lora
+        report["verdict_text"] = lora["verdict"]
+        report["report_lines"] = list(report.get("report_lines", [])) + lora["lines"]
 
 
 def verdict(report) -> str:
