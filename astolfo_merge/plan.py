@@ -189,12 +189,17 @@ def _check_compatible(recipe, sources, index):
                 raise ArchitectureError(f"{src.name}: key '{key}' has shape {list(shape)}, expected "
                                         f"{list(spec.shape)} for {ident.title} (inpainting or another variant?)")
     for comp, rule in _component_rules(recipe).items():
+        base = sources[index[rule.base]] if rule.base else None
         for name in rule.pool or []:
             status = sources[index[name]].identity.components.get(comp)
-            if status is not None and status.status == "absent":
-                raise ArchitectureError(
-                    f"{name} has no {comp.upper()} (a component-only file?); it cannot be a pool member for "
-                    f"{comp}: use it as components.{comp}.take, or give that component its own pool")
+            if status is None or status.status != "absent":
+                continue
+            if comp == archmod.UNET:
+                raise ArchitectureError(f"{name} has no UNET (a component-only file?); it cannot be a pool member: "
+                                        "use it as components.<vae|te0|te1>.take instead")
+            if base is None or base.identity.components.get(comp).status == "absent":
+                raise ArchitectureError(f"{name} has no {comp.upper()} and there is no base to fill it from: add a "
+                                        f"base, or set components.{comp}.take / components.{comp}.pool")
     preds = {(s.identity.prediction, s.identity.ztsnr) for s in sources if s.name in recipe.pool or s.name == recipe.base}
     if len(preds) > 1 and not recipe.allow_mixed_prediction:
         detail = ", ".join(f"{s.name}: {s.identity.prediction}{'+ztsnr' if s.identity.ztsnr else ''}" for s in sources)
