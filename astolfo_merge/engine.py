@@ -206,11 +206,11 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     """Run `plan`. `post_process=False` runs exactly this plan, skipping recipe-level post-processes
     (the Fermat a→b→c stage, ALGORITHMS.md §14.3, runs its own stage plans that way)."""
     options = options or RunOptions()
+    if plan.output is None:
+        raise RecipeError("output", "no output file given")
     if post_process and plan.recipe.extra.get("fermat"):
         from .rebasin.fermat import run_fermat
         return run_fermat(plan, options, progress, cancel)
-    if plan.output is None:
-        raise RecipeError("output", "no output file given")
     plan.check_budget(options.memory_gb)
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
