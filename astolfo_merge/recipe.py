@@ -187,6 +187,12 @@ def parse_recipe(doc) -> Recipe:
         raise RecipeError("allow_mixed_prediction", "must be true or false")
     recipe.allow_mixed_prediction = amp
     recipe.extra = {k: doc[k] for k in ("loras", "fermat", "note") if k in doc}
+    if doc.get("fermat") not in (None, False):
+        from .rebasin.fermat import fermat_options   # validates the field now, before any work
+        fermat_options(doc["fermat"])
+    if doc.get("loras"):
+        from .lora import validate_loras
+        validate_loras(doc["loras"])
     return recipe
 
 
