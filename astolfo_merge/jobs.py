@@ -11,6 +11,7 @@ while a job is running is refused with a message (`JobBusyError`) unless the cal
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import itertools
 import os
@@ -25,9 +26,6 @@ from .errors import AstolfoError, Cancelled
 
 LOG_LINES = 200                 # lines kept per job (the tab shows the tail)
 PROGRESS_LOG_INTERVAL_S = 2.0   # a "keys done" log line at most this often
-# Test-only: seconds to sleep after each key, so the browser test can observe and cancel a merge
-# of tiny demo models. Never set it outside tests.
-TEST_DELAY_ENV = "ASTOLFO_MERGE_TEST_DELAY_PER_KEY"
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINISHED = (DONE, FAILED, CANCELLED)
@@ -131,9 +129,6 @@ class Job:
         elif p.elapsed - self._last_log >= PROGRESS_LOG_INTERVAL_S:
             self._last_log = p.elapsed
             self.log(f"{p.keys_done}/{p.keys_total} keys ({100 * p.fraction:.0f}%)")
-        delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
-        if delay > 0 and not p.message:
-            time.sleep(delay)
 
     def _run(self):
         if self.cancel_event.is_set():
@@ -263,3 +258,16 @@ def manager(host_key: str) -> JobManager:
         if host_key not in _MANAGERS:
             _MANAGERS[host_key] = JobManager(host_key)
         return _MANAGERS[host_key]
+
+
+@atexit.register
+def _cancel_on_exit(timeout: float = 10.0):
+    """Stop running merges when the process exits, so their temp files are removed (daemon threads
+    would otherwise die mid-write and leave a `.partial` file behind)."""
+    with _MANAGERS_LOCK:
+        managers = list(_MANAGERS.values())
+    running = [j for m in managers for j in m.jobs() if not j.done_event.is_set()]
+    for job in running:
+        job.cancel_event.set()
+    for job in running:
+        job.done_event.wait(timeout)

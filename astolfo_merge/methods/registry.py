@@ -93,6 +93,9 @@ class Method:
     # Optional whole-plan stage run once before the key loop (e.g. Re-Basin's weight matching):
     # prepare(plan, readers, log, progress) -> state; each key's inputs then expose it as `inputs.state`.
     prepare: Callable | None = None
+    # Optional workspace(shape, n, params) -> bytes a key holds OUTSIDE its row chunks (whole-tensor
+    # statistics: a full tensor for a top-k threshold, a ranking, an SVD), for plan.peak_bytes.
+    workspace: Callable | None = None
 
     def param(self, name) -> Param:
         for p in self.params:
@@ -147,6 +150,8 @@ class KeyInputs:
     device: torch.device = torch.device("cpu")
     seed: int = 0
     state: object = None         # what the method's `prepare` returned (None without one)
+    recipe_seed: int | None = None   # the recipe's own seed (sd-mecha-compatible RNG re-seeds every key with it)
+    budget_bytes: int | None = None  # the chunk budget in bytes (None: unbounded), for choosing direct vs chunked forms
 
     @property
     def rows(self) -> int:
@@ -175,11 +180,13 @@ class KeyInputs:
 class TensorInputs(KeyInputs):
     """In-memory inputs: for tests and for callers that already hold tensors."""
 
-    def __init__(self, tensors, base=None, key="tensor", dtype=torch.float64, seed=0, chunk_rows=None):
+    def __init__(self, tensors, base=None, key="tensor", dtype=torch.float64, seed=0, chunk_rows=None,
+                 recipe_seed=None, budget_bytes=None):
         self.tensors, self.base = list(tensors), base
         ref = self.tensors[0] if self.tensors else base
         self.shape, self.n, self.has_base = tuple(ref.shape), len(self.tensors), base is not None
         self.key, self.dtype, self.seed, self.chunk_rows = key, dtype, seed, chunk_rows
+        self.recipe_seed, self.budget_bytes = recipe_seed, budget_bytes
         self.messages = []
 
     def _rows(self, t, start, stop):
@@ -195,6 +202,9 @@ class TensorInputs(KeyInputs):
 
     def chunks(self, resident):
         step = self.chunk_rows or self.rows
+        if self.budget_bytes is not None:   # like the engine: `resident` chunks fit the budget
+            row_bytes = max(1, math.prod(self.shape[1:])) * torch.empty((), dtype=self.dtype).element_size()
+            step = max(1, min(step, self.budget_bytes // max(1, resident * row_bytes)))
         return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)] or [(0, 0)]
 
     def log(self, message):

@@ -1,0 +1,85 @@
+"""`python -m astolfo_merge app`: the Merger tab in a browser, without the WebUI.
+
+Serves the same `ui.build_tab` the WebUI extension uses, on 127.0.0.1, over a plain models
+folder (StandaloneHost). With `--demo`, or when the default folder is empty, it first writes the
+small demo checkpoints so a newcomer can click through at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls from gradio
+
+from .checkpoint import is_checkpoint_name  # noqa: E402
+from .cli import DEFAULT_MODELS_DIR, register_command  # noqa: E402
+from .host import HostSettings, StandaloneHost, scan_checkpoints  # noqa: E402
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+EXTENSION_DIR = os.path.dirname(PACKAGE_DIR)   # where style.css and javascript/ live (the WebUI loads them itself)
+DEFAULT_PORT = 7870
+
+
+def page_assets() -> tuple:
+    """(css, js) the WebUI would add to its page; empty strings if the files are missing."""
+    def read(*parts):
+        try:
+            with open(os.path.join(EXTENSION_DIR, *parts), encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return ""
+    return read("style.css"), read("javascript", "astolfo_merge.js")
+
+
+def build_app(host):
+    """A page holding only the Merger tab (rendered exactly as the WebUI renders it)."""
+    import gradio as gr
+
+    from .ui import build_tab
+    from .ui_compat import listen
+
+    css, js = page_assets()
+    tab = build_tab(host)
+    with gr.Blocks(title="AstolfoMerge", css=css, analytics_enabled=False) as page:
+        tab.render()
+        listen(page.load, None, [], [], js="() => {" + js + "\n; window.astolfoMergeStart(); return []; }")
+    return page
+
+
+def has_checkpoints(folder) -> bool:
+    return os.path.isdir(folder) and any(is_checkpoint_name(p) for p in scan_checkpoints(folder))
+
+
+def cmd_app(args):
+    from .ui_compat import enable_queue, launch
+
+    folder = os.path.abspath(args.models_dir or DEFAULT_MODELS_DIR)
+    if args.demo or (args.models_dir is None and not has_checkpoints(folder)):
+        from .demo import write_demo_models
+        written = write_demo_models(folder)
+        print(f"{len(written)} demo checkpoint(s) written to {folder}" if written else f"demo checkpoints already in {folder}")
+    elif not has_checkpoints(folder):
+        print(f"note: no checkpoints in {folder} yet (add some, or start with --demo)", file=sys.stderr)
+    host = StandaloneHost(folder, HostSettings(threads=args.threads, memory_gb=args.memory_gb, device=args.device))
+    page = build_app(host)
+    enable_queue(page)
+    # SIGTERM -> SystemExit, so atexit hooks run and a running merge removes its temp file.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"AstolfoMerge: http://127.0.0.1:{args.port} (models: {folder}); Ctrl+C stops", flush=True)
+    launch(page, server_name="127.0.0.1", server_port=args.port, inbrowser=False, show_api=False,
+           share=False, quiet=True)
+    return 0
+
+
+@register_command
+def add_app_command(sub):
+    p = sub.add_parser("app", help="serve the Merger tab on 127.0.0.1 without the WebUI")
+    p.add_argument("--models-dir", default=None, help=f"checkpoint folder (default {DEFAULT_MODELS_DIR}; "
+                                                      "demo models are written there when it is empty)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--demo", action="store_true", help="write the demo checkpoints into the models folder first")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--memory-gb", type=float, default=1.5)
+    p.set_defaults(func=cmd_app)

@@ -1,0 +1,127 @@
+"""The host interface: everything the tab needs from whoever serves it (ARCHITECTURE.md layering).
+
+The WebUI host lives in `scripts/astolfo_merge_tab.py` (it is the only code that talks to
+`modules.*`); the standalone host below serves a plain models folder. The tab, the jobs and the
+XYZ trials only ever call these methods.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .checkpoint import is_checkpoint_name
+from .engine import MergeResult, RunOptions
+from .plan import Plan, build_plan
+from .recipe import Recipe
+
+
+@dataclass
+class HostSettings:
+    """Defaults for the tab's output form (the WebUI keeps them in its Settings)."""
+    output_dir: str = ""        # empty: the models folder
+    threads: int = 0            # 0: torch's default
+    memory_gb: float = 1.5
+    device: str = "cpu"
+    precision: str = "fp64"
+
+
+class Host:
+    """Base class: the folder logic shared by every host. Subclasses say where models live."""
+
+    key = "host"                 # one job manager per key (jobs.manager)
+    title = "AstolfoMerge"
+    can_load_model = False       # a "load the result" button makes sense
+    has_xyz = False              # the XYZ grid can use merge recipes
+
+    # -- what subclasses provide ------------------------------------------------------------------
+    def models_dir(self) -> str:
+        """The folder recipe names are relative to (and the default output folder)."""
+        raise NotImplementedError
+
+    def checkpoint_paths(self) -> list:
+        """Every checkpoint file the host knows (absolute paths)."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Re-scan the folders (the WebUI rebuilds its checkpoint list)."""
+
+    def settings(self) -> HostSettings:
+        return HostSettings()
+
+    def recipes_dir(self) -> str:
+        return os.path.join(self.models_dir(), "recipes")
+
+    def after_merge(self, result: MergeResult) -> str | None:
+        """Called on the worker thread once a merge is written; returns a line for the job log."""
+        self.refresh()
+        return None
+
+    def load_model(self, path: str) -> tuple:
+        """(message, name the page should select or None)."""
+        return (f"This host cannot load models; the merge is at {path}", None)
+
+    # -- shared logic ---------------------------------------------------------------------------
+    def output_dir(self) -> str:
+        return self.settings().output_dir or self.models_dir()
+
+    def name_of(self, path: str) -> str:
+        """How a recipe names `path`: relative to the models folder when inside it, else absolute."""
+        path = os.path.abspath(path)
+        root = os.path.abspath(self.models_dir())
+        rel = os.path.relpath(path, root)
+        if rel.startswith(os.pardir) or os.path.isabs(rel):
+            return path
+        return rel.replace(os.sep, "/")
+
+    def named_checkpoints(self) -> list:
+        """(recipe name, path) of every checkpoint, sorted by name (case-insensitive)."""
+        pairs = [(self.name_of(p), p) for p in self.checkpoint_paths()]
+        return sorted(dict(pairs).items(), key=lambda np: np[0].lower())
+
+    def output_path(self, recipe: Recipe) -> str:
+        return os.path.join(self.output_dir(), recipe.output)
+
+    def plan(self, recipe: Recipe) -> Plan:
+        return build_plan(recipe, self.models_dir(), self.output_path(recipe))
+
+    def run_options(self, overwrite=False, **overrides) -> RunOptions:
+        s = self.settings()
+        values = {"device": s.device, "threads": s.threads, "memory_gb": s.memory_gb, "overwrite": overwrite}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return RunOptions(**values)
+
+
+def scan_checkpoints(folder: str) -> list:
+    """Checkpoint files under `folder`, recursively, like the WebUI lists them: hidden folders,
+    temp files of running merges and `*.vae.*` files are skipped."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or not is_checkpoint_name(name) or ".vae." in name.lower():
+                continue
+            found.append(os.path.join(root, name))
+    return found
+
+
+class StandaloneHost(Host):
+    """A models folder on disk (the `app` sub-command): nothing to load a model into."""
+
+    key = "standalone"
+
+    def __init__(self, models_dir: str, settings: HostSettings | None = None):
+        self._models_dir = os.path.abspath(models_dir)
+        self._settings = settings or HostSettings()
+        self.key = f"standalone:{self._models_dir}"   # one merge at a time per models folder
+
+    def models_dir(self) -> str:
+        return self._models_dir
+
+    def checkpoint_paths(self) -> list:
+        return scan_checkpoints(self._models_dir) if os.path.isdir(self._models_dir) else []
+
+    def settings(self) -> HostSettings:
+        return self._settings
+
+    def load_model(self, path: str) -> tuple:
+        return (f"Loading a model needs the WebUI; the standalone app only merges. The file is {path}", None)

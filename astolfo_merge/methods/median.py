@@ -1,0 +1,151 @@
+"""Geometric median of whole tensors by Weiszfeld's algorithm (ALGORITHMS.md §10.1).
+
+Each model's tensor of a key is ONE point in R^numel; the median is a convex combination
+`Σ c_i x_i` with one coefficient per model. That makes a bounded-memory form exact in algebra:
+the iteration only needs the distances ‖x_i − m‖, which follow from the N×N Gram matrix
+G = ⟨x_i, x_j⟩ (accumulated over row chunks), and the output is one more chunked pass Σ c_i x_i.
+
+Two forms, chosen per key:
+* direct — the N tensors of the key fit one chunk: distances are computed from the tensors
+  themselves (what sd-mecha does; the golden form);
+* gram — otherwise: Gram of the points centred on their per-element mean (translation does not
+  change distances, and centring keeps ‖x_i − m‖² from cancelling against ‖x_i‖²), then a final
+  pass. Agrees with the direct form to ~1e-9 relative: the minimum is flat, so any Weiszfeld run
+  (this one, sd-mecha's, another summation order) fixes the point only to ~√ulp of the objective.
+
+Karcher (karcher.py) reuses the Gram helpers; the TIES family (droptrim.py) reuses `median_chunks`
+for TGMD/DGMLA with its filtered deltas.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .registry import Method, Param, register
+
+EPS_HELP = "distance floor of the Weiszfeld weights 1/max(d, eps) (sd-mecha / geom_median default 1e-6)"
+MAXITER_HELP = "maximum Weiszfeld iterations"
+FTOL_HELP = "stop when the objective changes by at most ftol × objective (1e-20: until it no longer changes)"
+
+
+def weiszfeld_direct(points, eps: float, maxiter: int, ftol: float):
+    """The golden form, operation for operation as sd-mecha 1.1.8 `geometric_median` (itself
+    krishnap25/geom_median with unit weights): start at the mean, reweight by 1/max(d, eps), stop on
+    |Δobjective| ≤ ftol·objective. `points`: the N tensors. Returns (median, iterations run)."""
+    points = list(points)
+    ones = torch.ones(len(points), dtype=points[0].dtype, device=points[0].device)
+    weights = ones
+    median = sum(points) / len(points)
+    objective = torch.mean(torch.stack([torch.dist(x, median) for x in points]) * ones)
+    done = 0
+    for done in range(1, max(0, maxiter) + 1):
+        previous = objective
+        dist = torch.stack([torch.dist(x, median) for x in points])
+        weights = ones / torch.clamp(dist, min=eps)
+        median = sum(x * weights[i] for i, x in enumerate(points)) / sum(weights)
+        objective = torch.mean(torch.stack([torch.dist(x, median) for x in points]) * ones)
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return sum(x * weights[i] for i, x in enumerate(points)) / sum(weights), done
+
+
+def weiszfeld_gram(gram: torch.Tensor, eps: float, maxiter: int, ftol: float):
+    """The same iteration on coefficients c (median = Σ c_i x_i, Σ c = 1), with distances from the
+    Gram matrix: ‖x_i − m‖² = G_ii − 2(Gc)_i + cᵀGc (clamped at 0). Returns (c, iterations run)."""
+    n = gram.shape[0]
+    diag = gram.diagonal().clone()
+
+    def distances(coeffs):
+        gc = gram @ coeffs
+        return (diag - 2.0 * gc + coeffs @ gc).clamp(min=0.0).sqrt()
+
+    ones = torch.ones(n, dtype=torch.float64)
+    coeffs = ones / n
+    dist = distances(coeffs)
+    objective = dist.mean()
+    done = 0
+    for done in range(1, max(0, maxiter) + 1):
+        previous = objective
+        weights = ones / dist.clamp(min=eps)
+        coeffs = weights / weights.sum()
+        dist = distances(coeffs)
+        objective = dist.mean()
+        if abs(previous - objective) <= ftol * objective:
+            break
+    return coeffs, done
+
+
+def accumulate_gram(gram: torch.Tensor, stack: torch.Tensor, centre: bool) -> None:
+    """gram += Y Yᵀ for the chunk stack [n, ...]; with `centre`, Y = stack − its per-element mean
+    (modifies `stack` in place; callers pass a stack they no longer need)."""
+    flat = stack.reshape(stack.shape[0], -1)
+    if centre:
+        flat -= flat.mean(dim=0, keepdim=True)
+    gram += (flat @ flat.T).to(torch.float64)
+
+
+def combine(coeffs: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """Σ c_i x_i over the stack [n, *chunk] -> [*chunk]."""
+    flat = stack.reshape(stack.shape[0], -1)
+    return (coeffs.to(flat.dtype) @ flat).reshape(stack.shape[1:])
+
+
+def median_chunks(stacks: Callable[[], Iterable[torch.Tensor]], spans: list, eps: float, maxiter: int,
+                  ftol: float, log: Callable[[str], None]) -> Iterator[torch.Tensor]:
+    """Geometric median of the N points, yielded in the row chunks `spans`.
+
+    `stacks()` starts a fresh pass and yields one [n, *chunk] stack per span, in order (a pass
+    may re-read and re-derive its points; it must produce the same values every time).
+    One span: direct form, one pass. Several: gram form, two passes.
+    """
+    if len(spans) == 1:
+        (stack,) = list(stacks())
+        median, iters = weiszfeld_direct(stack.unbind(0), eps, maxiter, ftol)
+        log(f"geometric median: direct form, {iters} iteration(s)")
+        yield median
+        return
+    gram = None
+    for stack in stacks():
+        if gram is None:
+            gram = torch.zeros(stack.shape[0], stack.shape[0], dtype=torch.float64)
+        accumulate_gram(gram, stack, centre=True)
+    coeffs, iters = weiszfeld_gram(gram, eps, maxiter, ftol)
+    log(f"geometric median: gram form over {len(spans)} chunks, {iters} iteration(s)")
+    for stack in stacks():
+        yield combine(coeffs, stack)
+
+
+def read_stack(inputs, start: int, stop: int, minus_base: bool = False) -> torch.Tensor:
+    """The N pool tensors' rows [start, stop) stacked as [n, rows, ...] (or [n] for 0-d keys)."""
+    first = inputs.read_rows(0, start, stop)
+    stack = torch.empty((inputs.n,) + tuple(first.shape), dtype=first.dtype, device=first.device)
+    stack[0] = first
+    for i in range(1, inputs.n):
+        stack[i] = inputs.read_rows(i, start, stop)
+    if minus_base:
+        stack -= inputs.read_base_rows(start, stop)
+    return stack
+
+
+def _geometric_median(inputs, params):
+    spans = inputs.chunks(resident=inputs.n + 3)
+
+    def stacks():
+        for a, b in spans:
+            yield read_stack(inputs, a, b)
+    yield from median_chunks(stacks, spans, params["eps"], params["maxiter"], params["ftol"], inputs.log)
+
+
+GM_PARAMS = (
+    Param("eps", "float", 1e-6, 0.0, 1.0, help=EPS_HELP),
+    Param("maxiter", "int", 100, 0, 100000, help=MAXITER_HELP, step=1),
+    Param("ftol", "float", 1e-20, 0.0, 1.0, help=FTOL_HELP),
+)
+
+register(Method(
+    "geometric_median", "Geometric median (Fermat point)",
+    "Weiszfeld geometric median of the raw weights: each model's key is one point; robust to a minority "
+    "of outlier models (breakdown point 1/2). No base. Memory-bounded via the N×N Gram matrix.",
+    _geometric_median, params=GM_PARAMS, min_models=1, streaming="gram",
+    resident=lambda n: n + 3))

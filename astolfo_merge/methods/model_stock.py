@@ -1,0 +1,132 @@
+"""Model Stock (ALGORITHMS.md §9): θ = θ_0 + t·mean(τ), t = N·cosθ / (1 + (N − 1)·cosθ).
+
+The paper leaves open how to estimate the common angle θ for N > 2; the estimators:
+* consecutive-last-axis (default; sd-mecha 1.1.8 `n_model_stock`, the author's PR): cosines between
+  consecutive pool members (t, t+1) along the LAST axis, averaged over the N − 1 pairs — one t per
+  last-axis vector (a row of a 2-D key, a kernel row of a conv, the whole of a 1-D key);
+* all-pairs-flat (mergekit `model_stock`): mean over all pairs i < j of the cosine of the flattened
+  deltas, clamped to [−1, 1], norm product floored at cos_eps — one t per key;
+* all-pairs-rowwise (mergekit `filter_wise`): the same per output row (dim 0, the rest flattened; 1-D
+  keys are one row). For 2-D keys this is mergekit's filter_wise; for convs mergekit would use kW.
+
+Guard (§9): where |1 + (N − 1)·cosθ| ≤ 1e-12 or t is not finite, t = 0 there (the base's values) and
+the key's log says how many places; sd-mecha's nan_to_num would write ±float max instead.
+
+Memory: row-local estimators are one pass over row chunks (a row is never split), reading each model
+once; whole-tensor estimates accumulate the N×N Gram matrix of the deltas over chunks, then a second pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from .median import accumulate_gram, read_stack
+from .registry import Method, Param, register
+
+ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")
+GUARD = 1e-12
+
+
+def stock_factor(cos: torch.Tensor, n: int, log) -> torch.Tensor:
+    """t = N cos / (1 + (N − 1) cos), 0 where the denominator vanishes or t is not finite."""
+    denom = 1 + (n - 1) * cos
+    t = n * cos / denom
+    bad = (denom.abs() <= GUARD) | ~torch.isfinite(t)
+    if bool(bad.any()):
+        log(f"model stock: t undefined at {int(bad.sum())} place(s) (cos = −1/(N − 1)); the base's values kept there")
+        t = torch.where(bad, torch.zeros_like(t), t)
+    return t
+
+
+def _consecutive_rows(inputs, eps, spans):
+    """sd-mecha's estimator for keys of ≥ 2 dims: each chunk holds whole last-axis vectors."""
+    n = inputs.n
+    for a, b in spans:
+        base = inputs.read_base_rows(a, b)
+        total, cos_sum, previous = None, None, None
+        for i in range(n):
+            delta = inputs.read_rows(i, a, b).sub_(base)
+            total = delta.clone() if total is None else total.add_(delta)
+            if previous is not None:
+                cos = torch.nn.functional.cosine_similarity(previous, delta, dim=-1, eps=eps)
+                cos_sum = cos if cos_sum is None else cos_sum.add_(cos)
+            previous = delta
+        t = stock_factor(cos_sum / (n - 1), n, inputs.log).unsqueeze(-1)
+        yield base.add_(t * (total / n))
+
+
+def _rowwise_pairs(inputs, eps, spans):
+    """mergekit filter_wise for keys of ≥ 2 dims: all-pairs cosines per output row."""
+    n = inputs.n
+    pairs = torch.triu_indices(n, n, offset=1)
+    for a, b in spans:
+        base = inputs.read_base_rows(a, b)
+        stack = read_stack(inputs, a, b)
+        stack -= base
+        rows = stack.reshape(n, b - a, -1).transpose(0, 1)          # [rows, n, L]
+        block = max(1, rows.shape[2] * 4 // (n * n))                 # per-row Gram blocks stay ≤ ~¼ chunk
+        cos = torch.cat([_pair_cosines(rows[r:r + block], pairs, eps) for r in range(0, b - a, block)])
+        t = stock_factor(cos, n, inputs.log)
+        yield base.add_(t.reshape((-1,) + (1,) * (base.dim() - 1)) * stack.mean(dim=0))
+
+
+def _pair_cosines(rows, pairs, eps):
+    """Mean over pairs i < j of clamp(⟨o_i, o_j⟩ / max(‖o_i‖‖o_j‖, eps), −1, 1), per row of [rows, n, L]."""
+    gram = rows @ rows.transpose(1, 2)                                # [rows, n, n]
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    cos = gram[:, pairs[0], pairs[1]] / (norms[:, pairs[0]] * norms[:, pairs[1]]).clamp(min=eps)
+    return cos.clamp(-1, 1).mean(dim=1)
+
+
+def _whole_tensor(inputs, eps, estimator, spans):
+    """One t per key from the Gram matrix of the deltas (any rank; the only form for ≤ 1-D keys)."""
+    n = inputs.n
+    if len(spans) == 1 and estimator == "consecutive-last-axis":   # sd-mecha's own operations
+        (a, b), = spans
+        base = inputs.read_base_rows(a, b)
+        deltas = [inputs.read_rows(i, a, b).sub_(base) for i in range(n)]
+        cos = torch.stack([torch.nn.functional.cosine_similarity(deltas[i], deltas[i + 1], dim=-1, eps=eps)
+                           for i in range(n - 1)]).mean(dim=0)
+        yield base.add_((stock_factor(cos, n, inputs.log).unsqueeze(-1) * (sum(deltas) / n)).reshape(base.shape))
+        return
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for a, b in spans:
+        accumulate_gram(gram, read_stack(inputs, a, b, minus_base=True), centre=False)
+    norms = gram.diagonal().sqrt()
+    if estimator == "consecutive-last-axis":
+        idx = torch.arange(n - 1)
+        cos = (gram[idx, idx + 1] / (norms[:-1].clamp(min=eps) * norms[1:].clamp(min=eps))).mean()
+    else:
+        i, j = torch.triu_indices(n, n, offset=1)
+        cos = (gram[i, j] / (norms[i] * norms[j]).clamp(min=eps)).clamp(-1, 1).mean()
+    t = float(stock_factor(cos, n, inputs.log))
+    for a, b in spans:
+        base = inputs.read_base_rows(a, b)
+        total = read_stack(inputs, a, b, minus_base=True).sum(dim=0)
+        yield base.add_(total, alpha=t / n)
+
+
+def _model_stock(inputs, params):
+    eps, estimator = params["cos_eps"], params["estimator"]
+    spans = inputs.chunks(resident=inputs.n + 4)
+    if len(inputs.shape) >= 2 and estimator == "consecutive-last-axis":
+        yield from _consecutive_rows(inputs, eps, spans)
+    elif len(inputs.shape) >= 2 and estimator == "all-pairs-rowwise":
+        yield from _rowwise_pairs(inputs, eps, spans)
+    else:
+        yield from _whole_tensor(inputs, eps, estimator, spans)
+
+
+register(Method(
+    "model_stock", "Model Stock",
+    "base + t·mean(deltas) with t = N·cos / (1 + (N − 1)·cos) from the angle between the fine-tunes' deltas "
+    "(Model Stock, 2403.19522). With many similar models t → 1 (a plain average).",
+    _model_stock,
+    params=(
+        Param("estimator", "choice", "consecutive-last-axis", choices=ESTIMATORS,
+              help="how cosθ is estimated: 'consecutive-last-axis' = sd-mecha (consecutive pool members, one t per "
+                   "last-axis vector; depends on pool order); 'all-pairs-flat' = mergekit (all pairs, one t per key); "
+                   "'all-pairs-rowwise' = mergekit filter_wise (all pairs, one t per output row)"),
+        Param("cos_eps", "float", 1e-6, 0.0, 1.0,
+              help="floor of the norms in the cosine (sd-mecha CosineSimilarity eps; mergekit floors the norm product)"),
+    ),
+    needs_base=True, min_models=2, streaming="two_pass", resident=lambda n: n + 4))

@@ -1,0 +1,110 @@
+"""Merge-then-XYZ: recipe variants merged to real files, cached by recipe hash (A1111.md §6.4).
+
+An XYZ axis value ("alpha 0.3", or a recipe file) becomes a recipe; its canonical hash names the
+output `_merger_trials/<method>-<hash>.safetensors` in the host's models folder, so a cell whose
+recipe was merged before (in this grid or an earlier one) is never merged again. The merge runs
+as an ordinary job of the host (queued behind a running one), so the tab shows its progress.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import threading
+
+from . import jobs
+from .errors import RecipeError
+from .methods import get_method
+from .plan import build_plan
+from .recipe import Recipe, load_recipe, parse_recipe
+
+TRIALS_DIR = "_merger_trials"          # not a dot-folder: the WebUI skips those when listing
+TEMPLATE_FILE = "xyz-template.json"
+_LOCK = threading.Lock()
+
+
+def recipe_key(recipe: Recipe) -> str:
+    """sha256 of the recipe without its output name: equal merges get equal keys."""
+    doc = recipe.to_dict()
+    doc.pop("output", None)
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def trial_name(recipe: Recipe) -> str:
+    return f"{TRIALS_DIR}/{recipe.method}-{recipe_key(recipe)[:16]}.safetensors"
+
+
+def save_template(host, doc: dict) -> str:
+    """Store the tab's current recipe as the template the "[Merger] alpha" axis varies."""
+    recipe = parse_recipe(doc)
+    folder = host.recipes_dir()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, TEMPLATE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(recipe.to_json())
+    return path
+
+
+def load_template(host) -> Recipe:
+    path = os.path.join(host.recipes_dir(), TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        raise RecipeError("(XYZ template)", "no template yet: compose a merge in the Merger tab and press "
+                                            "'Use as XYZ template'")
+    return load_recipe(path)
+
+
+def alpha_param(recipe: Recipe) -> str:
+    """The parameter "[Merger] alpha" sets: the method's block parameter, else one named alpha."""
+    method = get_method(recipe.method)
+    if method.block_param:
+        return method.block_param
+    if any(p.name == "alpha" for p in method.params):
+        return "alpha"
+    raise RecipeError("method", f"method '{recipe.method}' has no alpha-like parameter to vary")
+
+
+def with_alpha(recipe: Recipe, value: float) -> Recipe:
+    """The template with its alpha-like parameter set to `value` (validated like any recipe)."""
+    doc = recipe.to_dict()
+    doc.pop("output", None)
+    doc["params"] = {**doc.get("params", {}), alpha_param(recipe): float(value)}
+    return parse_recipe(doc)
+
+
+def recipe_files(host) -> list:
+    """Recipe files the "[Merger] recipe" axis offers (names relative to the recipes folder)."""
+    folder = host.recipes_dir()
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(".json") and n != TEMPLATE_FILE)
+
+
+def load_named_recipe(host, name: str) -> Recipe:
+    path = name if os.path.isabs(name) else os.path.join(host.recipes_dir(), name)
+    if not os.path.isfile(path) and not name.lower().endswith(".json"):
+        path += ".json"
+    if not os.path.isfile(path):
+        raise RecipeError("(XYZ recipe)", f"recipe file {name!r} not found in {host.recipes_dir()}")
+    return load_recipe(path)
+
+
+def check(host, recipe: Recipe):
+    """Resolve every file of `recipe` now (the grid should fail before its first image)."""
+    build_plan(recipe, host.models_dir(), None)
+
+
+def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
+    """(path, merged now?) of the file for `recipe`, merging it unless that file exists already."""
+    recipe = copy.deepcopy(recipe)
+    recipe.output = trial_name(recipe)
+    path = os.path.join(host.models_dir(), recipe.output)
+    with _LOCK:
+        if os.path.isfile(path):
+            return path, False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        plan = build_plan(recipe, host.models_dir(), path)
+        job = jobs.manager(host.key).submit(plan, host.run_options(), title=f"XYZ cell: {recipe.output}",
+                                            on_done=on_done, queue=True)
+        job.wait(timeout)
+    return path, True

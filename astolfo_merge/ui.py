@@ -1,0 +1,310 @@
+"""The Merger tab: one gradio builder for the WebUI and the standalone app.
+
+`build_tab(host)` returns a `gr.Blocks` built outside any context; the WebUI renders it as a tab
+(`on_ui_tabs`), the standalone app renders it into its own page. Everything host-specific goes
+through `host` (host.py); forms come from the method declarations (ui_forms.py); merges run as
+background jobs (jobs.py) that the page polls through a hidden button clicked by
+javascript/astolfo_merge.js, so a reloaded page re-attaches to a running merge.
+
+Sub-tabs of other features (Repair, Analysis) are added by `add_feature_tabs` when their modules
+exist; nothing of them is implemented here.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import gradio as gr
+import torch
+
+from . import jobs
+from .errors import AstolfoError
+from .methods import METHODS
+from .ui_catalog import default_catalog
+from .ui_compat import listen, make, poll_options
+from .ui_forms import BlockWeights, ParamForm
+from .ui_handlers import TabHandlers
+from .ui_state import COMPONENT_TITLES, MODES, components_of
+
+ELEM = "astolfo_merge"
+NONE = "(none)"
+# Feature sub-tabs: (title, candidate modules); the first module found that has `build_ui(host)`
+# is rendered inside a gr.Tab of that title. Missing modules are skipped silently.
+FEATURE_TABS = (
+    ("Repair", ("astolfo_merge.repair_ui", "astolfo_merge.repair")),
+    ("Analysis", ("astolfo_merge.analysis_ui", "astolfo_merge.analysis")),
+)
+
+
+def build_tab(host, catalog=None) -> gr.Blocks:
+    """The whole tab for `host` (WebUI or standalone), ready to be rendered."""
+    return MergerTab(host, catalog).build()
+
+
+def add_feature_tabs(host):
+    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS)."""
+    added = []
+    for title, modules in FEATURE_TABS:
+        for name in modules:
+            try:
+                module = importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                if exc.name == name:
+                    continue
+                raise
+            builder = getattr(module, "build_ui", None)
+            if callable(builder):
+                with gr.Tab(title, elem_id=f"{ELEM}_tab_{title.lower()}"):
+                    builder(host)
+                added.append(title)
+                break
+    return added
+
+
+def device_choices() -> list:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class MergerTab(TabHandlers):
+    """Layout of the tab; the event handlers live in ui_handlers.TabHandlers."""
+
+    def __init__(self, host, catalog=None):
+        self.host = host
+        self.catalog = catalog or default_catalog()
+        self.jobs = jobs.manager(host.key)
+        self.methods = dict(METHODS)
+        self.default_method = "weighted_sum" if "weighted_sum" in self.methods else next(iter(self.methods))
+        self.infos = []
+        self.reload_models()
+
+    # -- layout -------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(analytics_enabled=False, title="AstolfoMerge") as blocks:
+            with gr.Tabs(elem_id=f"{ELEM}_tabs"):
+                with gr.Tab("Merge", elem_id=f"{ELEM}_tab_merge"):
+                    with gr.Row(equal_height=False):
+                        with gr.Column(scale=3, min_width=420):
+                            self._pool_section()
+                            self._method_section()
+                            self._blocks_section()
+                            self._components_section()
+                        with gr.Column(scale=2, min_width=360):
+                            self._output_section()
+                            self._run_section()
+                            self._recipe_section()
+                add_feature_tabs(self.host)
+            self._wire()
+        self._not_persisted()
+        return blocks
+
+    def _not_persisted(self):
+        """Widgets whose value only makes sense with the event that sets it (a method with its parameter
+        slots, a component mode with its visible fields): the WebUI must not restore them from
+        ui-config.json on its own (A1111.md §2.2)."""
+        widgets = [self.method, self.mbw.preset, self.pool, self.base, self.output_name]
+        widgets += [row[k] for row in self.comp.values() for k in ("mode", "take", "method", "pool")]
+        for widget in widgets:
+            widget.do_not_save_to_config = True
+
+    def _pool_section(self):
+        with gr.Group(elem_id=f"{ELEM}_pool_box"):
+            gr.Markdown("### Pool", elem_classes=["astolfo-heading"])
+            with gr.Row():
+                self.filter = gr.Textbox(label="Filter", placeholder="words of a name, or sdxl / v-pred / partial …",
+                                         elem_id=f"{ELEM}_filter", scale=4, lines=1, max_lines=1)
+                self.select_shown = gr.Button("Select all shown", elem_id=f"{ELEM}_select_shown", scale=1, min_width=90)
+                self.select_none = gr.Button("Select none", elem_id=f"{ELEM}_select_none", scale=1, min_width=90)
+                self.refresh = gr.Button("↻ Refresh", elem_id=f"{ELEM}_refresh", scale=1, min_width=90)
+            self.pool = gr.CheckboxGroup(choices=self.pool_choices(""), value=[], label=self.pool_label(""),
+                                         elem_id=f"{ELEM}_pool", elem_classes=["astolfo-pool"])
+            self.selection = gr.State([])
+            self.pool_summary = gr.Markdown("No model selected yet.", elem_id=f"{ELEM}_pool_summary")
+            self.base = make(gr.Dropdown, choices=self.model_choices(with_none=True), value=NONE, label="Base model",
+                             info="needed by methods that subtract a base (add_difference, TIES, DARE …); also fills "
+                                  "keys that pruned inputs lack", elem_id=f"{ELEM}_base", allow_custom_value=True)
+
+    def _method_section(self):
+        with gr.Group(elem_id=f"{ELEM}_method_box"):
+            self.method = gr.Dropdown(choices=list(self.methods), value=self.default_method, label="Method",
+                                      elem_id=f"{ELEM}_method")
+            self.method_help = gr.Markdown(self.method_help_text(self.default_method), elem_id=f"{ELEM}_method_help")
+            self.main_form = ParamForm(self.methods, self.default_method, f"{ELEM}_param")
+
+    def _blocks_section(self):
+        with gr.Accordion("Block weights (MBW)", open=False, elem_id=f"{ELEM}_mbw"):
+            self.mbw = BlockWeights(elem_prefix=f"{ELEM}_mbw")
+
+    def _components_section(self):
+        self.comp = {}
+        with gr.Accordion("Components", open=False, elem_id=f"{ELEM}_components"):
+            gr.Markdown("Per component: merge with the main method, with its own method / parameters / pool, "
+                        "copy it from one model, or keep the base model's.")
+            for name in components_of(None):
+                self.comp[name] = self._component_row(name)
+
+    def _component_row(self, name):
+        row = {}
+        with gr.Group(visible=name in components_of("sd1"), elem_id=f"{ELEM}_comp_{name}") as box:
+            row["box"] = box
+            row["mode"] = gr.Radio(choices=list(MODES.values()), value=MODES["main"], label=COMPONENT_TITLES[name],
+                                   elem_id=f"{ELEM}_comp_{name}_mode")
+            row["take"] = make(gr.Dropdown, choices=self.model_choices(), value=None, label=f"{COMPONENT_TITLES[name]} from",
+                               visible=False, elem_id=f"{ELEM}_comp_{name}_take", allow_custom_value=True)
+            with gr.Column(visible=False) as own:
+                row["own"] = own
+                with gr.Row():
+                    row["method"] = gr.Dropdown(choices=list(self.methods), value=self.default_method,
+                                                label=f"{COMPONENT_TITLES[name]} method", elem_id=f"{ELEM}_comp_{name}_method")
+                    row["pool"] = gr.Dropdown(choices=self.model_choices(), value=[], multiselect=True,
+                                              label=f"{COMPONENT_TITLES[name]} pool (empty: the main pool)",
+                                              elem_id=f"{ELEM}_comp_{name}_pool")
+                row["form"] = ParamForm(self.methods, self.default_method, f"{ELEM}_comp_{name}_param")
+        return row
+
+    def _output_section(self):
+        s = self.host.settings()
+        with gr.Group(elem_id=f"{ELEM}_output_box"):
+            gr.Markdown("### Output", elem_classes=["astolfo-heading"])
+            self.output_name = gr.Textbox(label="File name", placeholder="filled from pool, method and date", lines=1, max_lines=1,
+                                          elem_id=f"{ELEM}_output_name",
+                                          info=f"written to {self.host.output_dir()}")
+            self.auto_name = gr.State("")
+            with gr.Row():
+                self.dtype = gr.Radio(choices=["fp16", "bf16", "fp32"], value="fp16", label="Saved dtype", elem_id=f"{ELEM}_dtype")
+                self.precision = gr.Radio(choices=["fp64", "fp32"], value=s.precision if s.precision in ("fp32", "fp64") else "fp64",
+                                          label="Compute precision", elem_id=f"{ELEM}_precision")
+            with gr.Row():
+                devices = device_choices()
+                self.device = gr.Dropdown(choices=devices, value=s.device if s.device in devices else "cpu",
+                                          label="Device", elem_id=f"{ELEM}_device")
+                self.threads = gr.Number(value=s.threads, precision=0, label="Threads (0 = auto)", elem_id=f"{ELEM}_threads")
+                self.memory = gr.Number(value=s.memory_gb, label="Memory budget (GB)", elem_id=f"{ELEM}_memory")
+            self.overwrite = gr.Checkbox(value=False, label="Overwrite an existing file", elem_id=f"{ELEM}_overwrite")
+            with gr.Accordion("Advanced", open=False):
+                self.seed = gr.Number(value=0, precision=0, label="Seed (random methods)", elem_id=f"{ELEM}_seed")
+                self.allow_mixed = gr.Checkbox(value=False, label="Allow mixed prediction types (eps + v-pred)",
+                                               elem_id=f"{ELEM}_allow_mixed")
+                self.nonfinite = gr.Radio(choices=["fail", "skip", "keep"], value="fail", label="NaN / Inf in a result",
+                                          elem_id=f"{ELEM}_nonfinite")
+                self.position_ids = gr.Radio(choices=["reset", "omit"], value="reset", label="CLIP position ids",
+                                             elem_id=f"{ELEM}_position_ids")
+            self.extra = gr.State({})             # recipe fields the form does not show (loras, note …)
+            self.component_extra = gr.State({})   # per component: base / blocks of a loaded recipe
+
+    def _run_section(self):
+        with gr.Group(elem_id=f"{ELEM}_run_box"):
+            with gr.Row():
+                self.check = gr.Button("Check plan", elem_id=f"{ELEM}_check", min_width=80)
+                self.merge = gr.Button("Merge", variant="primary", elem_id=f"{ELEM}_merge", min_width=80)
+                self.cancel = gr.Button("Cancel", variant="stop", elem_id=f"{ELEM}_cancel", min_width=80)
+            self.message = gr.Markdown("", elem_id=f"{ELEM}_message")
+            self.progress = gr.HTML(self.progress_html(None), elem_id=f"{ELEM}_progress")
+            self.log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id=f"{ELEM}_log")
+            self.summary = gr.Markdown("", elem_id=f"{ELEM}_summary")
+            with gr.Row():
+                self.load = gr.Button("Load the merged model", visible=False, elem_id=f"{ELEM}_load")
+                self.xyz = gr.Button("Use as XYZ template", visible=self.host.has_xyz, elem_id=f"{ELEM}_xyz")
+            # Page plumbing: a poll button clicked by javascript/astolfo_merge.js (hidden by CSS, kept in
+            # the DOM), what this page last saw of the job, and a name the page should select.
+            self.poll = gr.Button("poll", elem_id=f"{ELEM}_poll", elem_classes=["astolfo-hidden"])
+            self.seen = gr.State({})
+            self.select_name = gr.Textbox(value="", elem_id=f"{ELEM}_select_name", elem_classes=["astolfo-hidden"],
+                                          show_label=False, container=False)
+            self.event = gr.Textbox(value="", elem_id=f"{ELEM}_event", elem_classes=["astolfo-hidden"],
+                                    show_label=False, container=False)
+            for comp in (self.select_name, self.event):
+                comp.do_not_save_to_config = True
+
+    def _recipe_section(self):
+        with gr.Accordion("Recipe", open=False, elem_id=f"{ELEM}_recipe"):
+            self.recipe_json = gr.Code(value="", language="json", label="Recipe of the form", elem_id=f"{ELEM}_recipe_json")
+            with gr.Row():
+                self.recipe_name = gr.Textbox(label="Save as", placeholder="my-recipe", elem_id=f"{ELEM}_recipe_name", scale=3)
+                self.save_recipe = gr.Button("Save recipe", elem_id=f"{ELEM}_save_recipe", scale=1)
+            self.recipe_file = gr.File(label="Recipe file", interactive=False, elem_id=f"{ELEM}_recipe_file")
+            with gr.Row():
+                self.saved_recipes = make(gr.Dropdown, choices=self.saved_recipe_choices(), value=None,
+                                          label="Saved recipes", elem_id=f"{ELEM}_saved_recipes", scale=3,
+                                          allow_custom_value=True)
+                self.load_saved = gr.Button("Load", elem_id=f"{ELEM}_load_saved", scale=1)
+            self.upload = gr.File(label="Load a recipe file (.json)", type="binary", file_types=[".json"],
+                                  elem_id=f"{ELEM}_upload")
+            with gr.Row():
+                self.recipe_source = make(gr.Dropdown, choices=self.recipe_checkpoint_choices(), value=None,
+                                          label="Recipe embedded in a merged checkpoint",
+                                          elem_id=f"{ELEM}_recipe_source", scale=3, allow_custom_value=True)
+                self.load_embedded = gr.Button("Load", elem_id=f"{ELEM}_load_embedded", scale=1)
+
+    # -- the form as a list of inputs ------------------------------------------------------------
+    def form_inputs(self) -> list:
+        comps = [self.selection, self.pool, self.filter, self.base, self.method, *self.main_form.components, self.mbw.enabled,
+                 *self.mbw.components]
+        for row in self.comp.values():
+            comps += [row["mode"], row["take"], row["method"], row["pool"], *row["form"].components]
+        return comps + [self.output_name, self.dtype, self.precision, self.seed, self.allow_mixed, self.nonfinite,
+                        self.position_ids, self.extra, self.component_extra]
+
+    def run_inputs(self) -> list:
+        return [self.device, self.threads, self.memory, self.overwrite]
+
+    def list_outputs(self) -> list:
+        """Every widget that lists models (refreshed after a merge or a folder change)."""
+        return [self.pool, self.base, self.recipe_source, self.saved_recipes] + \
+            [row[k] for row in self.comp.values() for k in ("take", "pool")]
+
+    def _wire(self):
+        pool_out = self.pool_change_outputs()
+        listen(self.filter.change, self.on_filter, [self.filter, self.selection], [self.pool])
+        listen(self.pool.input, self.on_pool_input, [self.pool, self.filter, *self.pool_context()], pool_out)
+        listen(self.select_shown.click, self.on_select_shown, [self.filter, *self.pool_context()], pool_out)
+        listen(self.select_none.click, self.on_select_none, [self.filter, *self.pool_context()], pool_out)
+        listen(self.refresh.click, self.on_refresh, [self.filter, self.selection], self.list_outputs())
+        # `.input` (user edits only): loading a recipe sets the method *and* its parameters.
+        listen(self.method.input, self.on_method, [self.method, self.selection, self.output_name, self.auto_name],
+               [*self.main_form.components, self.method_help, self.mbw.enabled, self.output_name, self.auto_name])
+        listen(self.mbw.preset.change, self.on_preset, [self.mbw.preset, self.selection], self.mbw.components)
+        for row in self.comp.values():
+            listen(row["mode"].change, self.on_component_mode, [row["mode"]], [row["take"], row["own"]])
+            listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
+        form, run = self.form_inputs(), self.run_inputs()
+        listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
+        listen(self.merge.click, self.on_merge, form + run, [self.message, self.recipe_json, self.progress])
+        listen(self.cancel.click, self.on_cancel, [], [self.message])
+        poll_out = [self.progress, self.log, self.summary, self.load, self.seen, self.event, *self.list_outputs()]
+        dep = listen(self.poll.click, self.on_poll, [self.seen, self.filter, self.selection], poll_out, **poll_options())
+        listen(dep.then, None, [self.event], [], js="(event) => { astolfoMergeAfterPoll(event); return []; }",
+               **poll_options())
+        load_dep = listen(self.load.click, self.on_load, [self.seen], [self.message, self.select_name])
+        listen(load_dep.then, None, [self.select_name], [], js="(name) => { astolfoMergeSelectCheckpoint(name); return []; }")
+        listen(self.xyz.click, self.on_xyz_template, form, [self.message, self.recipe_json])
+        listen(self.save_recipe.click, self.on_save_recipe, [self.recipe_name] + form,
+               [self.message, self.recipe_json, self.recipe_file, self.saved_recipes])
+        load_out = self.load_recipe_outputs()
+        listen(self.load_saved.click, self.on_load_saved, [self.saved_recipes, self.filter], load_out)
+        listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
+               self.on_upload, [self.upload, self.filter], load_out)
+        listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out)
+
+    def pool_context(self) -> list:
+        return [self.selection, self.base, self.method, self.output_name, self.auto_name]
+
+    def pool_change_outputs(self) -> list:
+        return [self.pool, self.selection, self.pool_summary, self.base, self.output_name, self.auto_name,
+                *self.mbw.groups.values(), *[row["box"] for row in self.comp.values()]]
+
+    def load_recipe_outputs(self) -> list:
+        return list(dict.fromkeys(self.pool_change_outputs() + self.form_inputs()[1:] +
+                                  [row[k] for row in self.comp.values() for k in ("own",)] +
+                                  [self.method_help, self.message, self.recipe_json]))
+
+    def error_text(self, exc: Exception) -> str:
+        return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"
+
+    def recipes_dir(self) -> str:
+        return self.host.recipes_dir()
+
+    def saved_recipe_choices(self) -> list:
+        folder = self.recipes_dir()
+        if not os.path.isdir(folder):
+            return []
+        return sorted(n for n in os.listdir(folder) if n.lower().endswith(".json"))

@@ -1,0 +1,442 @@
+"""Event handlers of the Merger tab (the layout is in ui.py).
+
+Handlers are plain methods over widget values: they read the form into a `FormState`
+(ui_state.py), call the backend (plan, jobs, recipe) and return updates. They never wait for a
+merge: Merge submits a job, the page's poll reads snapshots.
+"""
+from __future__ import annotations
+
+import html
+import os
+import re
+
+import gradio as gr
+
+from . import jobs, trials
+from .checkpoint import read_header
+from .errors import AstolfoError, OutputExistsError, RecipeError
+from .plan import GIB
+from .recipe import load_recipe, parse_recipe, recipe_from_metadata
+from .ui_catalog import format_size, guess_base, pool_arch
+from .ui_compat import file_value_bytes
+from .ui_forms import preset_values
+from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, ComponentChoice, FormState, auto_output_name,
+                       components_of, merge_selection, recipe_doc, state_from_recipe)
+
+NONE = "(none)"
+LOG_TAIL = 40
+POOL_SUMMARY_NAMES = 12
+
+
+def fill(outputs: list, updates: dict) -> list:
+    """A value per output, in order: those in `updates`, "no change" for the rest."""
+    return [updates[c] if c in updates else gr.update() for c in outputs]
+
+
+def fmt_seconds(seconds) -> str:
+    seconds = float(seconds or 0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+class TabHandlers:
+    """Mixed into ui.MergerTab, which defines the widgets these handlers read and update."""
+
+    # -- model listing ----------------------------------------------------------------------------
+    def reload_models(self):
+        self.infos = self.catalog.list(self.host.named_checkpoints())
+        self.by_name = {i.name: i for i in self.infos}
+
+    def shown(self, filter_text: str) -> list:
+        words = (filter_text or "").lower().split()
+        return [i for i in self.infos if all(w in i.label.lower() for w in words)]
+
+    def pool_choices(self, filter_text: str) -> list:
+        return [(i.label, i.name) for i in self.shown(filter_text)]
+
+    def pool_label(self, filter_text: str) -> str:
+        return f"Models ({len(self.shown(filter_text))} shown of {len(self.infos)} in {self.host.models_dir()})"
+
+    def model_choices(self, with_none=False) -> list:
+        return ([NONE] if with_none else []) + [i.name for i in self.infos if i.mergeable]
+
+    def recipe_checkpoint_choices(self) -> list:
+        return [i.name for i in self.infos if i.has_recipe]
+
+    def list_updates(self, filter_text: str, selection: list) -> dict:
+        shown = {i.name for i in self.shown(filter_text)}
+        updates = {
+            self.pool: gr.update(choices=self.pool_choices(filter_text), label=self.pool_label(filter_text),
+                                 value=[n for n in selection or [] if n in shown]),
+            self.base: gr.update(choices=self.model_choices(with_none=True)),
+            self.recipe_source: gr.update(choices=self.recipe_checkpoint_choices()),
+            self.saved_recipes: gr.update(choices=self.saved_recipe_choices()),
+        }
+        for row in self.comp.values():
+            updates[row["take"]] = gr.update(choices=self.model_choices())
+            updates[row["pool"]] = gr.update(choices=self.model_choices())
+        return updates
+
+    # -- pool -------------------------------------------------------------------------------------
+    def on_filter(self, filter_text, selection):
+        shown = {i.name for i in self.shown(filter_text)}
+        return gr.update(choices=self.pool_choices(filter_text), label=self.pool_label(filter_text),
+                         value=[n for n in selection or [] if n in shown])
+
+    def on_pool_input(self, checked, filter_text, selection, base, method, output_name, auto_name):
+        shown = [i.name for i in self.shown(filter_text)]
+        pool = merge_selection(selection or [], shown, checked or [])
+        # The checkboxes already show the click; echoing them back could undo a faster second click.
+        return self.pool_changed(pool, filter_text, base, method, output_name, auto_name, echo_pool=False)
+
+    def on_select_shown(self, filter_text, selection, base, method, output_name, auto_name):
+        shown = [i.name for i in self.shown(filter_text) if i.mergeable]
+        pool = list(selection or []) + [n for n in shown if n not in set(selection or [])]
+        return self.pool_changed(pool, filter_text, base, method, output_name, auto_name)
+
+    def on_select_none(self, filter_text, selection, base, method, output_name, auto_name):
+        return self.pool_changed([], filter_text, base, method, output_name, auto_name)
+
+    def on_refresh(self, filter_text, selection):
+        self.host.refresh()
+        self.reload_models()
+        return fill(self.list_outputs(), self.list_updates(filter_text, selection))
+
+    def pool_changed(self, pool, filter_text, base, method, output_name, auto_name, as_dict=False, echo_pool=True):
+        """Everything that follows the pool: summary, base guess, output name, layouts by architecture."""
+        arch = pool_arch(self.by_name, pool)
+        shown = {i.name for i in self.shown(filter_text)}
+        updates = {self.selection: list(pool), self.pool_summary: self.pool_summary_text(pool, arch)}
+        if echo_pool:
+            updates[self.pool] = gr.update(value=[n for n in pool if n in shown])
+        base_info = self.by_name.get(base)
+        if pool and (base in (None, "", NONE) or (base_info and arch and base_info.arch != arch)):
+            updates[self.base] = gr.update(value=guess_base(self.infos, arch) or NONE)
+        auto = auto_output_name(pool, method) or ""
+        if not output_name or output_name == auto_name:
+            updates[self.output_name] = auto
+        updates[self.auto_name] = auto
+        updates.update(self.arch_updates(arch))
+        return updates if as_dict else fill(self.pool_change_outputs(), updates)
+
+    def arch_updates(self, arch) -> dict:
+        updates = dict(self.mbw.show_updates(arch))
+        present = components_of(arch or "sd1") if arch else components_of("sd1") + ("te1",)
+        for name, row in self.comp.items():
+            updates[row["box"]] = gr.update(visible=name in present)
+        return updates
+
+    def pool_summary_text(self, pool, arch) -> str:
+        if not pool:
+            return "No model selected yet."
+        names = " · ".join(f"{n + 1}. `{name}`" for n, name in enumerate(pool[:POOL_SUMMARY_NAMES]))
+        more = f" … and {len(pool) - POOL_SUMMARY_NAMES} more" if len(pool) > POOL_SUMMARY_NAMES else ""
+        infos = [self.by_name.get(n) for n in pool]
+        first = next((i for i in infos if i and i.arch), None)
+        lines = [f"**Pool ({len(pool)}, in order):** {names}{more}"]
+        if first:
+            lines.append(f"Architecture: {first.title}, {first.prediction}")
+        titles = {i.title for i in infos if i and i.arch}
+        if len(titles) > 1:
+            lines.append(f"⚠ mixed architectures in the pool: {', '.join(sorted(titles))}")
+        for name, info in zip(pool, infos):
+            if info is None:
+                lines.append(f"⚠ `{name}` is not in the models folder")
+            elif not info.mergeable or info.status.startswith("partial"):
+                lines.append(f"⚠ `{name}`: {info.status}")
+        return "  \n".join(lines)
+
+    # -- method and forms -------------------------------------------------------------------------
+    def method_help_text(self, name) -> str:
+        m = self.methods.get(name)
+        if m is None:
+            return f"Unknown method {name!r}."
+        arity = f"{m.min_models}" + ("+" if m.max_models is None else ("" if m.max_models == m.min_models else f"–{m.max_models}"))
+        facts = [f"{arity} model(s)"] + (["needs a base"] if m.needs_base else []) + \
+            ([f"block weights set `{m.block_param}`"] if m.block_param else ["no block weights"]) + \
+            (["random (uses the seed)"] if m.random else [])
+        return f"**{m.title}** — {m.help}  \n<small>{' · '.join(facts)}</small>"
+
+    def on_method(self, method, selection, output_name, auto_name):
+        updates = dict(zip(self.main_form.components, self.main_form.updates(method)))
+        updates[self.method_help] = self.method_help_text(method)
+        m = self.methods.get(method)
+        has_blocks = bool(m and m.block_param)
+        updates[self.mbw.enabled] = gr.update(interactive=has_blocks, **({} if has_blocks else {"value": False}))
+        auto = auto_output_name(selection or [], method) or ""
+        if not output_name or output_name == auto_name:
+            updates[self.output_name] = auto
+        updates[self.auto_name] = auto
+        return fill([*self.main_form.components, self.method_help, self.mbw.enabled, self.output_name, self.auto_name],
+                    updates)
+
+    def on_preset(self, preset, selection):
+        if not preset:
+            return fill(self.mbw.components, {})
+        arch = pool_arch(self.by_name, selection or []) or "sd1"
+        return fill(self.mbw.components, self.mbw.set_updates(arch, preset_values(preset, arch)))
+
+    def on_component_mode(self, mode_label):
+        mode = MODE_OF_LABEL.get(mode_label, MAIN)
+        return [gr.update(visible=mode == TAKE), gr.update(visible=mode == OWN)]
+
+    def component_method_handler(self, row):
+        return lambda method: row["form"].updates(method)
+
+    # -- reading the form -------------------------------------------------------------------------
+    def read_form(self, values) -> tuple:
+        """(FormState, architecture of the pool) from the values of `form_inputs()`."""
+        values = list(values)
+        pos = 0
+
+        def take(n):
+            nonlocal pos
+            pos += n
+            return values[pos - n:pos]
+
+        selection, checked, filter_text, base, method = take(5)
+        # The checkboxes are the truth for the models they show (events may answer out of order);
+        # the remembered selection adds the filtered-out ones and the click order.
+        pool = merge_selection(selection or [], [i.name for i in self.shown(filter_text)], checked or [])
+        main_values = take(len(self.main_form.components))
+        (mbw_on,) = take(1)
+        mbw_values = take(len(self.mbw.components))
+        arch = pool_arch(self.by_name, pool)
+        state = FormState(pool=pool, method=method,
+                          params=self.main_form.params(method, main_values),
+                          base=None if base in (None, "", NONE) else base, blocks_enabled=bool(mbw_on),
+                          blocks=self.mbw.values(arch, mbw_values) if mbw_on else {})
+        rows = []
+        for name, row in self.comp.items():
+            mode_label, take_from, own_method, own_pool = take(4)
+            rows.append((name, row, MODE_OF_LABEL.get(mode_label, MAIN), take_from, own_method, own_pool,
+                         take(len(row["form"].components))))
+        output, dtype, precision, seed, allow_mixed, nonfinite, position_ids, extra, component_extra = take(9)
+        for name, row, mode, take_from, own_method, own_pool, form_values in rows:
+            choice = ComponentChoice(mode, take=take_from or None)
+            if mode == OWN:
+                choice.method = own_method
+                choice.params = row["form"].params(own_method, form_values, f"components.{name}.params")
+                choice.pool = list(own_pool or [])
+                carried = (component_extra or {}).get(name, {})
+                choice.base, choice.blocks = carried.get("base"), carried.get("blocks")
+            if mode == TAKE and not take_from:
+                raise RecipeError(f"components.{name}.take", "pick the model to take it from")
+            state.components[name] = choice
+        state.output = (output or "").strip() or auto_output_name(state.pool, method)
+        state.dtype, state.precision, state.seed = dtype, precision, int(seed or 0)
+        state.allow_mixed_prediction, state.nonfinite, state.position_ids = bool(allow_mixed), nonfinite, position_ids
+        state.extra = dict(extra or {})
+        return state, arch
+
+    def form_recipe(self, values):
+        state, arch = self.read_form(values)
+        if not state.pool:
+            raise RecipeError("pool", "select at least one model")
+        return parse_recipe(recipe_doc(state, arch))
+
+    def split_run(self, values):
+        n = len(self.form_inputs())
+        device, threads, memory, overwrite = values[n:n + 4]
+        return list(values[:n]), dict(device=device, threads=int(threads or 0), memory_gb=float(memory or 1.5),
+                                      overwrite=bool(overwrite))
+
+    # -- plan, merge, cancel ----------------------------------------------------------------------
+    def plan_text(self, plan, options) -> str:
+        merged = sum(1 for k in plan.keys if k.action == "merge")
+        peak = plan.peak_bytes(int(options.memory_gb * GIB))
+        lines = [f"**Plan:** {plan.arch.upper()} · {len(plan.sources)} input file(s) · {len(plan.keys)} keys "
+                 f"({merged} merged, {len(plan.keys) - merged} copied) · output {format_size(plan.output_bytes)}",
+                 f"Predicted peak memory: **{peak / GIB:.2f} GiB** (budget {options.memory_gb:g} GB) · "
+                 f"device {options.device} · threads {options.threads or 'auto'}",
+                 "Components: " + "; ".join(f"{k}: {v}" for k, v in plan.component_summary.items())]
+        lines += [f"note: {line}" for line in plan.log[:8]]
+        if len(plan.log) > 8:
+            lines.append(f"… {len(plan.log) - 8} more notes")
+        if os.path.exists(plan.output):
+            lines.append(f"⚠ `{os.path.basename(plan.output)}` exists" +
+                         (" and will be replaced" if options.overwrite else "; tick *Overwrite* or change the name"))
+        return "  \n".join(lines)
+
+    def prepare(self, values):
+        form_values, run = self.split_run(values)
+        recipe = self.form_recipe(form_values)
+        plan = self.host.plan(recipe)
+        options = self.host.run_options(**run)
+        return recipe, plan, options
+
+    def on_check(self, *values):
+        try:
+            recipe, plan, options = self.prepare(values)
+        except AstolfoError as exc:
+            return self.error_text(exc), gr.update()
+        return self.plan_text(plan, options), recipe.to_json()
+
+    def on_merge(self, *values):
+        try:
+            recipe, plan, options = self.prepare(values)
+            if os.path.exists(plan.output) and not options.overwrite:
+                raise OutputExistsError(plan.output)
+            plan.check_budget(options.memory_gb)
+            job = self.jobs.submit(plan, options, title=recipe.output, on_done=self.host.after_merge)
+        except AstolfoError as exc:
+            return self.error_text(exc), gr.update(), gr.update()
+        # the progress shows the new job at once (and tells the page script to poll fast)
+        return f"Started {job.title}.  \n{self.plan_text(plan, options)}", recipe.to_json(), self.progress_html(job.snapshot())
+
+    def on_cancel(self):
+        if self.jobs.cancel():
+            return "Cancelling … the partial file is removed."
+        return "No merge is running."
+
+    # -- polling ----------------------------------------------------------------------------------
+    def on_poll(self, seen, filter_text, selection):
+        outputs = [self.progress, self.log, self.summary, self.load, self.seen, self.event, *self.list_outputs()]
+        seen = seen or {}
+        job = self.jobs.current()
+        if job is None:
+            if seen.get("idle"):
+                return fill(outputs, {})
+            return fill(outputs, {self.progress: self.progress_html(None), self.seen: {"idle": True}})
+        snap = job.snapshot()
+        if seen.get("job") == snap.id and seen.get("version") == snap.version:
+            return fill(outputs, {})
+        updates = {self.progress: self.progress_html(snap), self.log: "\n".join(snap.log[-LOG_TAIL:]),
+                   self.seen: {"job": snap.id, "version": snap.version, "finished": snap.finished}}
+        same_job = seen.get("job") == snap.id
+        if snap.finished and not (same_job and seen.get("finished")):
+            updates[self.summary] = self.summary_text(snap)
+            updates[self.load] = gr.update(visible=snap.status == jobs.DONE and self.host.can_load_model)
+            if snap.status == jobs.DONE:
+                self.reload_models()
+                updates.update(self.list_updates(filter_text, selection))
+                updates[self.event] = f"done:{snap.id}"
+        elif not same_job:
+            updates[self.summary] = ""
+            updates[self.load] = gr.update(visible=False)
+        return fill(outputs, updates)
+
+    def progress_html(self, snap) -> str:
+        if snap is None:
+            return ('<div class="astolfo-progress" data-status="idle" data-active="0">'
+                    '<div class="astolfo-progress-text">No merge yet.</div></div>')
+        pct = 100 * snap.fraction
+        text = f"{snap.status} · {snap.keys_done}/{snap.keys_total} keys · {pct:.0f}% · {fmt_seconds(snap.elapsed)}"
+        if snap.status == jobs.RUNNING and snap.eta is not None:
+            text += f" · ETA {fmt_seconds(snap.eta)}"
+        if snap.error:
+            text += f" — {snap.error}"
+        return (f'<div class="astolfo-progress" data-status="{snap.status}" data-active="{int(snap.active)}" '
+                f'data-done="{snap.keys_done}" data-total="{snap.keys_total}" data-job="{snap.id}">'
+                f'<div class="astolfo-progress-track"><div class="astolfo-progress-fill astolfo-{snap.status}" '
+                f'style="width:{pct:.1f}%"></div></div>'
+                f'<div class="astolfo-progress-text">{html.escape(snap.title)} — {html.escape(text)}</div></div>')
+
+    def summary_text(self, snap) -> str:
+        if snap.status != jobs.DONE or snap.result is None:
+            return f"**{snap.status.capitalize()}:** {snap.error or ''}"
+        r = snap.result
+        comps = "  \n".join(f"- {k}: {v}" for k, v in r.components.items())
+        return (f"**Done** in {fmt_seconds(r.seconds)} · {format_size(r.size)} · {r.keys} keys  \n"
+                f"`{r.path}`  \nsha256 `{r.sha256}`  \n{comps}")
+
+    def on_load(self, seen):
+        job = self.jobs.current()
+        if job is None or job.status != jobs.DONE or job.result is None:
+            return "Nothing to load: no finished merge.", ""
+        try:
+            message, name = self.host.load_model(job.result.path)
+        except Exception as exc:  # noqa: BLE001 - show the host's failure on the page
+            return f"**Could not load:** {exc}", ""
+        return message, name or ""
+
+    # -- recipes ----------------------------------------------------------------------------------
+    def on_xyz_template(self, *values):
+        try:
+            recipe = self.form_recipe(values)
+            path = trials.save_template(self.host, recipe.to_dict())
+        except AstolfoError as exc:
+            return self.error_text(exc), gr.update()
+        return (f"XYZ template saved (`{path}`). In txt2img → Script → X/Y/Z plot pick **[Merger] alpha** "
+                f"(values like `0.2, 0.4, 0.6`) or **[Merger] recipe**."), recipe.to_json()
+
+    def on_save_recipe(self, name, *values):
+        outputs_unchanged = (gr.update(), gr.update(), gr.update())
+        try:
+            recipe = self.form_recipe(values)
+        except AstolfoError as exc:
+            return (self.error_text(exc),) + outputs_unchanged
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", (name or "").strip()).strip("._") or \
+            re.sub(r"\.safetensors$", "", recipe.output or "recipe")
+        folder = self.recipes_dir()
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, stem if stem.lower().endswith(".json") else f"{stem}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(recipe.to_json())
+        return (f"Recipe saved: `{path}`", recipe.to_json(), path,
+                gr.update(choices=self.saved_recipe_choices(), value=os.path.basename(path)))
+
+    def on_load_saved(self, name, filter_text):
+        if not name:
+            return self.load_failed(RecipeError("(recipe)", "pick a saved recipe first"))
+        try:
+            recipe = load_recipe(os.path.join(self.recipes_dir(), name))
+        except AstolfoError as exc:
+            return self.load_failed(exc)
+        return self.apply_recipe(recipe, filter_text, f"Loaded recipe `{name}`.")
+
+    def on_upload(self, data, filter_text):
+        raw = file_value_bytes(data)
+        if raw is None:
+            return fill(self.load_recipe_outputs(), {})
+        try:
+            recipe = parse_recipe(raw.decode("utf-8", errors="replace"))
+        except AstolfoError as exc:
+            return self.load_failed(exc)
+        return self.apply_recipe(recipe, filter_text, "Loaded the uploaded recipe.")
+
+    def on_load_embedded(self, name, filter_text):
+        info = self.by_name.get(name)
+        if info is None:
+            return self.load_failed(RecipeError("(checkpoint)", f"pick a merged checkpoint first (got {name!r})"))
+        try:
+            recipe = recipe_from_metadata(read_header(info.path).metadata)
+        except AstolfoError as exc:
+            return self.load_failed(exc)
+        return self.apply_recipe(recipe, filter_text, f"Loaded the recipe embedded in `{name}`.")
+
+    def load_failed(self, exc):
+        return fill(self.load_recipe_outputs(), {self.message: self.error_text(exc)})
+
+    def apply_recipe(self, recipe, filter_text, message) -> list:
+        """Fill every widget from `recipe`."""
+        state = state_from_recipe(recipe)
+        updates = self.pool_changed(state.pool, filter_text, state.base or NONE, state.method, state.output or "", "",
+                                    as_dict=True)
+        arch = pool_arch(self.by_name, state.pool)
+        updates[self.base] = gr.update(value=state.base or NONE)
+        updates[self.output_name] = state.output or updates.get(self.output_name, "")
+        updates[self.method] = gr.update(value=state.method)
+        updates.update(zip(self.main_form.components, self.main_form.updates(state.method, state.params)))
+        updates[self.method_help] = self.method_help_text(state.method)
+        updates[self.mbw.enabled] = gr.update(value=state.blocks_enabled)
+        updates.update(self.mbw.set_updates(arch, state.blocks))
+        for name, row in self.comp.items():
+            choice = state.components.get(name) or ComponentChoice()
+            updates[row["mode"]] = MODES[choice.mode]
+            updates[row["take"]] = gr.update(value=choice.take, visible=choice.mode == TAKE)
+            updates[row["own"]] = gr.update(visible=choice.mode == OWN)
+            own_method = choice.method or self.default_method
+            updates[row["method"]] = gr.update(value=own_method)
+            updates[row["pool"]] = gr.update(value=list(choice.pool))
+            updates.update(zip(row["form"].components, row["form"].updates(own_method, choice.params)))
+        updates.update({self.dtype: state.dtype, self.precision: state.precision, self.seed: state.seed,
+                        self.allow_mixed: state.allow_mixed_prediction, self.nonfinite: state.nonfinite,
+                        self.position_ids: state.position_ids, self.extra: dict(state.extra),
+                        self.component_extra: {name: {"base": c.base, "blocks": c.blocks}
+                                               for name, c in state.components.items() if c.base or c.blocks},
+                        self.message: message, self.recipe_json: recipe.to_json()})
+        if state.components.get("unet", ComponentChoice()).mode == BASE and not state.base:
+            updates[self.message] = message + " (note: 'keep base' needs a base model)"
+        return fill(self.load_recipe_outputs(), updates)

@@ -1,0 +1,105 @@
+"""TIES (k = 0.2), Model Stock and the geometric median on N = 4 and 8 full-size SD1-shaped fp16
+checkpoints: ours vs sd-mecha 1.1.8, side by side, each contender in its own process.
+
+    .venv/bin/python bench/bench_methods.py [--dir /tmp/astolfo-bench] [--sizes 4,8] [--scale 1]
+        [--methods ties,model_stock,geometric_median] [--contenders ours,mecha] [--memory-gb 1.5]
+
+Prints wall time and peak private memory (RssAnon, read from /proc/<pid>/status of the child) per
+contender, the ratios mecha/ours, and the time to read the inputs once (`cat` to /dev/null). Inputs
+(base + seeded deltas, astolfo_merge.demo.write_synthetic) are generated once into --dir and shared
+with bench_merge.py; `--scale 16` makes a quick smoke run. Both contenders compute in fp64.
+"""
+import argparse
+import os
+import sys
+
+from common import gib, make_inputs, run_measured, save_results, table, warm
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARAMS = {"ties": '{"k": 0.2}', "model_stock": "{}", "geometric_median": "{}"}
+NEEDS_BASE = {"ties": True, "model_stock": True, "geometric_median": False}
+
+
+def read_once(paths) -> float:
+    return run_measured(["cat", *paths], discard_stdout=True)["wall"]
+
+
+def mecha_ties(out, base, inputs, k):
+    """sd-mecha 1.1.8 paper TIES: base + ties_sum(deltas, k, vote_sgn=True) — built from the merge methods
+    themselves (its `add_difference` wrapper trips over the still-unknown merge space of the ties node)."""
+    import torch
+    import sd_mecha
+    from sd_mecha.extensions.builtin.merge_methods import linear, ties
+    b = sd_mecha.model(base)
+    deltas = [sd_mecha.subtract(sd_mecha.model(p), b) for p in inputs]
+    recipe = linear.add_difference(b, ties.ties_sum(*deltas, k=k, vote_sgn=True), alpha=1.0)
+    sd_mecha.merge(recipe, merge_dtype=torch.float64, output_dtype=torch.float16, output=out, threads=1,
+                   check_finite_output=False)
+
+
+def contender(who, method, inputs, base, folder, memory_gb):
+    out = os.path.join(folder, f"out-{who}-{method}-{len(inputs)}.safetensors")
+    if who == "mecha" and method == "ties":
+        cmd = [sys.executable, os.path.abspath(__file__), "--child-mecha-ties", out, base, *inputs]
+    else:
+        cmd = [sys.executable, os.path.join(HERE, "contenders.py"), who, method, out, *inputs,
+               "--memory-gb", str(memory_gb), "--params", PARAMS[method], "--precision", "fp64"]
+        if NEEDS_BASE[method]:
+            cmd += ["--base", base]
+    warm(inputs + ([base] if NEEDS_BASE[method] else []))
+    result = run_measured(cmd)
+    if os.path.exists(out):
+        os.unlink(out)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/tmp/astolfo-bench")
+    ap.add_argument("--sizes", default="4,8")
+    ap.add_argument("--scale", type=int, default=1, help="divide every dimension divisible by it (16: smoke test)")
+    ap.add_argument("--methods", default="ties,model_stock,geometric_median")
+    ap.add_argument("--contenders", default="ours,mecha")
+    ap.add_argument("--memory-gb", type=float, default=1.5)
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    methods = args.methods.split(",")
+    who_all = args.contenders.split(",")
+    print(f"generating inputs in {args.dir} (SD1 at 1/{args.scale}) ...", flush=True)
+    paths = make_inputs(args.dir, max(sizes), "sd1", args.scale)
+    base, fine_tunes = paths[0], paths[1:]
+    rows, results = [], {}
+    for n in sizes:
+        inputs = fine_tunes[:n]
+        warm(inputs + [base])
+        read = read_once(inputs + [base])
+        rows.append({"method": "-", "N": n, "contender": "read inputs once (cat)", "wall s": f"{read:.1f}",
+                     "RssAnon GiB": "-", "mecha/ours time": "", "mecha/ours RssAnon": ""})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+        for method in methods:
+            got = {}
+            for who in who_all:
+                r = contender(who, method, inputs, base, args.dir, args.memory_gb)
+                if r["rc"] != 0:
+                    print(f"{who} {method} N={n} failed:\n{r['tail']}", flush=True)
+                    continue
+                got[who] = r
+                results[f"{who}-{method}-{n}"] = {**r, "read_once": read}
+            for who, r in got.items():
+                row = {"method": method, "N": n, "contender": who, "wall s": f"{r['wall']:.1f}",
+                       "RssAnon GiB": gib(r["peak_RssAnon"]), "mecha/ours time": "", "mecha/ours RssAnon": ""}
+                if who == "mecha" and "ours" in got:
+                    row["mecha/ours time"] = f"{r['wall'] / got['ours']['wall']:.2f}x"
+                    row["mecha/ours RssAnon"] = f"{r['peak_RssAnon'] / max(1, got['ours']['peak_RssAnon']):.2f}x"
+                rows.append(row)
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+    print()
+    print(table(rows, ["method", "N", "contender", "wall s", "RssAnon GiB", "mecha/ours time", "mecha/ours RssAnon"]))
+    save_results(f"bench_methods-s{args.scale}", results)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child-mecha-ties"]:
+        mecha_ties(sys.argv[2], sys.argv[3], sys.argv[4:], k=0.2)
+    else:
+        main()
