@@ -27,7 +27,8 @@ from .errors import Cancelled, MergeKeyError, RecipeError
 from .methods import KeyInputs, get_method
 from .plan import GIB, KeyPlan, Plan
 
-CACHE_FRIENDLY_ELEMENTS = 1 << 20   # ~8 MB of fp64 per chunk: big enough to amortise calls
+CACHE_FRIENDLY_ELEMENTS = 1 << 17   # 1 MiB of fp64 per chunk: stays in L2, big enough to amortise calls
+_HALF = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -73,6 +74,22 @@ class MergeResult:
                 f"  sha256 {self.sha256}\n  components: {comps}")
 
 
+def to_compute(t: torch.Tensor, dtype, device) -> torch.Tensor:
+    """A fresh compute-dtype copy. Half types reach fp64 through fp32 (exact, and ~1.6x faster on CPU)."""
+    if t.dtype in _HALF and dtype == torch.float64 and t.device.type == "cpu":
+        t = t.to(torch.float32)
+        return t.to(device=device, dtype=dtype)
+    return t.to(device=device, dtype=dtype, copy=True)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check at the cost of one sum (a non-finite element makes the sum non-finite); the
+    elementwise check runs only when the sum itself is not finite (overflow of huge finite values)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class NonFiniteInput(Exception):
     """Internal: input `source` has NaN/Inf in the key being read (handled by the nonfinite policy)."""
 
@@ -116,8 +133,8 @@ class FileKeyInputs(KeyInputs):
         t = self._readers[source].read_rows(stored, start, stop, scratch)
         rows = stop - start if self.shape else None
         t = t.reshape(((rows,) + self.shape[1:]) if self.shape else ())
-        t = t.to(device=self.device, dtype=self.dtype, copy=True)
-        if self._check_finite and not torch.isfinite(t).all():
+        t = to_compute(t, self.dtype, self.device)
+        if self._check_finite and not all_finite(t):
             raise NonFiniteInput(source)
         return t
 
@@ -305,7 +322,7 @@ def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel
 
 
 def _check_finite(plan, kp, chunk, log):
-    if torch.isfinite(chunk).all():
+    if all_finite(chunk):
         return chunk
     policy = plan.recipe.nonfinite
     files = [plan.sources[i].name for i in kp.pool]
@@ -325,7 +342,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
     if kp.action == "copy":
         src = plan.sources[kp.source]
         t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
-        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not torch.isfinite(t).all():
+        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
             raise NonFiniteInput(kp.source)
         if kp.post and t.is_floating_point():
             t = t.to(device=device, dtype=dtype)
