@@ -44,6 +44,15 @@ def models(demo_dir, tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one thread is several times faster than two spinning on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def load(path) -> dict:
     from safetensors.torch import load_file
     return load_file(str(path))

@@ -16,12 +16,7 @@ from astolfo_merge.rebasin.spec import build_spec, permute
 from ldm_forward import random_unet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _same(perms, expected) -> bool:

@@ -22,12 +22,7 @@ from ldm_forward import LDMUNet, sample_inputs
 OPTIONS = RunOptions(hash_inputs=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _permuted_copy(folder, arch, source, name, seed):

@@ -24,13 +24,7 @@ from ldm_forward import LDMUNet, random_unet, sample_inputs
 SCALES = {"sd1": 8, "sdxl": 8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny tensors: one thread is several times faster than two spinning on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["sd1", "sdxl"])
