@@ -24,28 +24,12 @@ def read_once(paths) -> float:
     return run_measured(["cat", *paths], discard_stdout=True)["wall"]
 
 
-def mecha_ties(out, base, inputs, k):
-    """sd-mecha 1.1.8 paper TIES: base + ties_sum(deltas, k, vote_sgn=True) — built from the merge methods
-    themselves (its `add_difference` wrapper trips over the still-unknown merge space of the ties node)."""
-    import torch
-    import sd_mecha
-    from sd_mecha.extensions.builtin.merge_methods import linear, ties
-    b = sd_mecha.model(base)
-    deltas = [sd_mecha.subtract(sd_mecha.model(p), b) for p in inputs]
-    recipe = linear.add_difference(b, ties.ties_sum(*deltas, k=k, vote_sgn=True), alpha=1.0)
-    sd_mecha.merge(recipe, merge_dtype=torch.float64, output_dtype=torch.float16, output=out, threads=1,
-                   check_finite_output=False)
-
-
 def contender(who, method, inputs, base, folder, memory_gb):
     out = os.path.join(folder, f"out-{who}-{method}-{len(inputs)}.safetensors")
-    if who == "mecha" and method == "ties":
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-mecha-ties", out, base, *inputs]
-    else:
-        cmd = [sys.executable, os.path.join(HERE, "contenders.py"), who, method, out, *inputs,
-               "--memory-gb", str(memory_gb), "--params", PARAMS[method], "--precision", "fp64"]
-        if NEEDS_BASE[method]:
-            cmd += ["--base", base]
+    cmd = [sys.executable, os.path.join(HERE, "contenders.py"), who, method, out, *inputs,
+           "--memory-gb", str(memory_gb), "--params", PARAMS[method], "--precision", "fp64"]
+    if NEEDS_BASE[method]:
+        cmd += ["--base", base]
     warm(inputs + ([base] if NEEDS_BASE[method] else []))
     result = run_measured(cmd)
     if os.path.exists(out):
@@ -99,7 +83,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child-mecha-ties"]:
-        mecha_ties(sys.argv[2], sys.argv[3], sys.argv[4:], k=0.2)
-    else:
-        main()
+    main()

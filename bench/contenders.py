@@ -29,9 +29,12 @@ def mecha(method, out, inputs, base, memory_gb, params, precision):
     if method == "n_average":
         recipe = sd_mecha.n_average(*models)
     elif method == "ties":
+        # paper TIES: base + ties_sum(deltas, k, vote_sgn=True), built from the merge methods themselves
+        # (sd-mecha's `add_difference` wrapper trips over the still-unknown merge space of the ties node)
+        from sd_mecha.extensions.builtin.merge_methods import linear, ties
         b = sd_mecha.model(base)
         deltas = [sd_mecha.subtract(m, b) for m in models]
-        recipe = sd_mecha.add_difference(b, sd_mecha.ties_sum(*deltas, k=params.get("k", 0.2), vote_sgn=True), alpha=1.0)
+        recipe = linear.add_difference(b, ties.ties_sum(*deltas, k=params.get("k", 0.2), vote_sgn=True), alpha=1.0)
     elif method == "model_stock":
         b = sd_mecha.model(base)
         recipe = sd_mecha.n_model_stock(b, *models)
