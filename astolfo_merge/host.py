@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .checkpoint import is_checkpoint_name
 from .engine import MergeResult, RunOptions
+from .errors import AstolfoError
 from .plan import Plan, build_plan
 from .recipe import Recipe
 
@@ -60,6 +61,14 @@ class Host:
         """(message, name the page should select or None)."""
         return (f"This host cannot load models; the merge is at {path}", None)
 
+    def lora_dirs(self) -> list:
+        """Folders the tab's LoRA picker lists: a `Lora` folder inside the models folder and
+        $ASTOLFO_LORA_DIR (the WebUI host lists models/Lora instead)."""
+        dirs = [os.path.join(self.models_dir(), "Lora")]
+        if os.environ.get("ASTOLFO_LORA_DIR"):
+            dirs.append(os.environ["ASTOLFO_LORA_DIR"])
+        return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
+
     # -- shared logic ---------------------------------------------------------------------------
     def output_dir(self) -> str:
         return self.settings().output_dir or self.models_dir()
@@ -77,6 +86,27 @@ class Host:
         """(recipe name, path) of every checkpoint, sorted by name (case-insensitive)."""
         pairs = [(self.name_of(p), p) for p in self.checkpoint_paths()]
         return sorted(dict(pairs).items(), key=lambda np: np[0].lower())
+
+    def lora_files(self) -> list:
+        """(recipe name, lora.list_loras entry) of every LoRA in `lora_dirs()`, sorted by name. The name is
+        one `lora.find_lora` resolves back to the same file (relative when it can, else absolute)."""
+        from .lora import find_lora, list_loras
+        found = {}
+        for folder in self.lora_dirs():
+            for entry in list_loras(folder):
+                found.setdefault(self._lora_name(entry, folder, find_lora), entry)
+        return sorted(found.items(), key=lambda ne: ne[0].lower())
+
+    def _lora_name(self, entry: dict, folder: str, find_lora) -> str:
+        path = entry["path"]
+        rel = self.name_of(path)
+        for name in ([rel] if not os.path.isabs(rel) else []) + [entry["name"]]:
+            try:
+                if os.path.samefile(find_lora(name, self.models_dir(), "loras"), path):
+                    return name
+            except (OSError, AstolfoError):   # not resolvable by that name
+                continue
+        return os.path.abspath(path)
 
     def output_path(self, recipe: Recipe) -> str:
         return os.path.join(self.output_dir(), recipe.output)
@@ -118,7 +148,11 @@ class StandaloneHost(Host):
         return self._models_dir
 
     def checkpoint_paths(self) -> list:
-        return scan_checkpoints(self._models_dir) if os.path.isdir(self._models_dir) else []
+        """The models folder's checkpoints, less its LoRA folder (a LoRA is not a pool member)."""
+        if not os.path.isdir(self._models_dir):
+            return []
+        lora_roots = tuple(d + os.sep for d in self.lora_dirs())
+        return [p for p in scan_checkpoints(self._models_dir) if not os.path.abspath(p).startswith(lora_roots)]
 
     def settings(self) -> HostSettings:
         return self._settings

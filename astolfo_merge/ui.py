@@ -24,7 +24,7 @@ from .ui_catalog import default_catalog
 from .ui_compat import listen, make, poll_options
 from .ui_forms import BlockWeights, ParamForm
 from .ui_handlers import TabHandlers
-from .ui_state import COMPONENT_TITLES, MODES, components_of
+from .ui_state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of
 
 ELEM = "astolfo_merge"
 NONE = "(none)"
@@ -85,6 +85,7 @@ class MergerTab(TabHandlers):
                     with gr.Row(equal_height=False):
                         with gr.Column(scale=3, min_width=420):
                             self._pool_section()
+                            self._lora_section()
                             self._method_section()
                             self._blocks_section()
                             self._components_section()
@@ -122,6 +123,25 @@ class MergerTab(TabHandlers):
             self.base = make(gr.Dropdown, choices=self.model_choices(with_none=True), value=NONE, label="Base model",
                              info="needed by methods that subtract a base (add_difference, TIES, DARE …); also fills "
                                   "keys that pruned inputs lack", elem_id=f"{ELEM}_base", allow_custom_value=True)
+
+    def _lora_section(self):
+        """Up to LORA_ROWS LoRA / LyCORIS files baked into the merge (recipe `loras`); hidden while the
+        host's LoRA folders hold none."""
+        choices = self.lora_choices()
+        self.lora_rows = []
+        with gr.Accordion("LoRA (baked into the merge)", open=False, visible=len(choices) > 1,
+                          elem_id=f"{ELEM}_loras") as self.lora_box:
+            for i in range(LORA_ROWS):
+                with gr.Row():
+                    row = (make(gr.Dropdown, choices=choices, value=NONE, label=f"LoRA {i + 1}", scale=3,
+                                elem_id=f"{ELEM}_lora_{i}_file", allow_custom_value=True),
+                           gr.Slider(minimum=-4, maximum=4, step=0.05, value=1.0, label="Strength", scale=2,
+                                     elem_id=f"{ELEM}_lora_{i}_strength"),
+                           gr.Radio(choices=list(LORA_WHEN), value="after", label="When", scale=1,
+                                    elem_id=f"{ELEM}_lora_{i}_when"))
+                self.lora_rows.append(row)
+                row[0].do_not_save_to_config = True
+        self.lora_carry = gr.State({})   # per-block strengths / models / extra entries of a loaded recipe
 
     def _method_section(self):
         with gr.Group(elem_id=f"{ELEM}_method_box"):
@@ -242,15 +262,16 @@ class MergerTab(TabHandlers):
         for row in self.comp.values():
             comps += [row["mode"], row["take"], row["method"], row["pool"], *row["form"].components]
         return comps + [self.output_name, self.dtype, self.precision, self.seed, self.allow_mixed, self.nonfinite,
-                        self.position_ids, self.extra, self.component_extra]
+                        self.position_ids, self.extra, self.component_extra,
+                        *[w for row in self.lora_rows for w in row], self.lora_carry]
 
     def run_inputs(self) -> list:
         return [self.device, self.threads, self.memory, self.overwrite]
 
     def list_outputs(self) -> list:
         """Every widget that lists models (refreshed after a merge or a folder change)."""
-        return [self.pool, self.base, self.recipe_source, self.saved_recipes] + \
-            [row[k] for row in self.comp.values() for k in ("take", "pool")]
+        return [self.pool, self.base, self.recipe_source, self.saved_recipes, self.lora_box] + \
+            [row[k] for row in self.comp.values() for k in ("take", "pool")] + [row[0] for row in self.lora_rows]
 
     def _wire(self):
         pool_out = self.pool_change_outputs()
@@ -295,7 +316,7 @@ class MergerTab(TabHandlers):
     def load_recipe_outputs(self) -> list:
         return list(dict.fromkeys(self.pool_change_outputs() + self.form_inputs()[1:] +
                                   [row[k] for row in self.comp.values() for k in ("own",)] +
-                                  [self.method_help, self.message, self.recipe_json]))
+                                  [self.lora_box, self.method_help, self.message, self.recipe_json]))
 
     def error_text(self, exc: Exception) -> str:
         return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"

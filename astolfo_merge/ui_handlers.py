@@ -21,7 +21,7 @@ from .ui_catalog import format_size, guess_base, pool_arch
 from .ui_compat import file_value_bytes
 from .ui_forms import preset_values
 from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, ComponentChoice, FormState, auto_output_name,
-                       components_of, merge_selection, recipe_doc, state_from_recipe)
+                       components_of, loras_from_rows, lora_rows, merge_selection, recipe_doc, state_from_recipe)
 
 NONE = "(none)"
 LOG_TAIL = 40
@@ -61,6 +61,13 @@ class TabHandlers:
     def model_choices(self, with_none=False) -> list:
         return ([NONE] if with_none else []) + [i.name for i in self.infos if i.mergeable]
 
+    def lora_choices(self) -> list:
+        """(none) + the recipe names of the host's LoRA files."""
+        try:
+            return [NONE] + [name for name, _entry in self.host.lora_files()]
+        except OSError:
+            return [NONE]
+
     def recipe_checkpoint_choices(self) -> list:
         return [i.name for i in self.infos if i.has_recipe]
 
@@ -76,6 +83,10 @@ class TabHandlers:
         for row in self.comp.values():
             updates[row["take"]] = gr.update(choices=self.model_choices())
             updates[row["pool"]] = gr.update(choices=self.model_choices())
+        loras = self.lora_choices()
+        updates[self.lora_box] = gr.update(visible=len(loras) > 1)
+        for row in self.lora_rows:
+            updates[row[0]] = gr.update(choices=loras)
         return updates
 
     # -- pool -------------------------------------------------------------------------------------
@@ -213,6 +224,8 @@ class TabHandlers:
             rows.append((name, row, MODE_OF_LABEL.get(mode_label, MAIN), take_from, own_method, own_pool,
                          take(len(row["form"].components))))
         output, dtype, precision, seed, allow_mixed, nonfinite, position_ids, extra, component_extra = take(9)
+        lora_values = take(3 * len(self.lora_rows))
+        (lora_carry,) = take(1)
         for name, row, mode, take_from, own_method, own_pool, form_values in rows:
             choice = ComponentChoice(mode, take=take_from or None)
             if mode == OWN:
@@ -227,7 +240,8 @@ class TabHandlers:
         state.output = (output or "").strip() or auto_output_name(state.pool, method)
         state.dtype, state.precision, state.seed = dtype, precision, int(seed or 0)
         state.allow_mixed_prediction, state.nonfinite, state.position_ids = bool(allow_mixed), nonfinite, position_ids
-        state.extra = dict(extra or {})
+        state.extra = {k: v for k, v in (extra or {}).items() if k != "loras"}
+        state.loras = loras_from_rows([lora_values[i:i + 3] for i in range(0, len(lora_values), 3)], lora_carry)
         return state, arch
 
     def form_recipe(self, values):
@@ -359,7 +373,7 @@ class TabHandlers:
         except AstolfoError as exc:
             return self.error_text(exc), gr.update()
         return (f"XYZ template saved (`{path}`). In txt2img → Script → X/Y/Z plot pick **[Merger] alpha** "
-                f"(values like `0.2, 0.4, 0.6`) or **[Merger] recipe**."), recipe.to_json()
+                f"(values like `0.2, 0.4, 0.6`), **[Merger] LoRA strength** (the first LoRA row) or **[Merger] recipe**."), recipe.to_json()
 
     def on_save_recipe(self, name, *values):
         outputs_unchanged = (gr.update(), gr.update(), gr.update())
@@ -437,6 +451,12 @@ class TabHandlers:
                         self.component_extra: {name: {"base": c.base, "blocks": c.blocks}
                                                for name, c in state.components.items() if c.base or c.blocks},
                         self.message: message, self.recipe_json: recipe.to_json()})
+        rows, carry = lora_rows(state.loras, len(self.lora_rows))
+        for widgets, (file, strength, when) in zip(self.lora_rows, rows):
+            updates.update(zip(widgets, (gr.update(value=file or NONE), strength, when)))
+        updates[self.lora_carry] = carry
+        if state.loras:
+            updates[self.lora_box] = gr.update(visible=True, open=True)
         if state.components.get("unet", ComponentChoice()).mode == BASE and not state.base:
             updates[self.message] = message + " (note: 'keep base' needs a base model)"
         return fill(self.load_recipe_outputs(), updates)

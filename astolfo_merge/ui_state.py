@@ -50,6 +50,7 @@ class FormState:
     nonfinite: str = "fail"
     position_ids: str = "reset"
     extra: dict = field(default_factory=dict)        # recipe fields the form does not show, kept as loaded
+    loras: list = field(default_factory=list)        # the recipe's `loras` (lora.py), from the LoRA rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +116,9 @@ def recipe_doc(state: FormState, arch: str | None = None) -> dict:
         doc["nonfinite"] = state.nonfinite
     if state.position_ids != "reset":
         doc["position_ids"] = state.position_ids
-    doc.update(state.extra)
+    doc.update({k: v for k, v in state.extra.items() if k != "loras"})
+    if state.loras:
+        doc["loras"] = [dict(entry) for entry in state.loras]
     return doc
 
 
@@ -125,7 +128,9 @@ def state_from_recipe(recipe: Recipe) -> FormState:
                       blocks_enabled=bool(recipe.blocks), blocks=dict(recipe.blocks), output=recipe.output,
                       dtype=recipe.dtype, precision=recipe.precision, seed=recipe.seed,
                       allow_mixed_prediction=recipe.allow_mixed_prediction, nonfinite=recipe.nonfinite,
-                      position_ids=recipe.position_ids, extra=dict(recipe.extra))
+                      position_ids=recipe.position_ids,
+                      extra={k: v for k, v in recipe.extra.items() if k != "loras"},
+                      loras=[dict(entry) for entry in recipe.extra.get("loras") or []])
     for name, rule in recipe.components.items():
         if rule.take == "base":
             state.components[name] = ComponentChoice(BASE)
@@ -154,3 +159,33 @@ def merge_selection(previous: list, shown: list, checked: list) -> list:
     shown_set, checked_set = set(shown), set(checked)
     kept = [n for n in previous if n not in shown_set or n in checked_set]
     return kept + [n for n in checked if n not in set(kept)]
+
+
+# -- LoRA rows ---------------------------------------------------------------------------------
+LORA_ROWS = 4                 # rows the tab shows: (file, strength, when)
+LORA_WHEN = ("after", "before")
+
+
+def lora_rows(loras: list, n: int = LORA_ROWS) -> tuple:
+    """(n rows of (file | None, strength, when), carry) for the tab's LoRA rows. The carry keeps what
+    rows do not show — per-block strengths and `models` by file, entries beyond `n` — unchanged."""
+    rows = [(e["file"], float(e.get("strength", 1.0)), e.get("when", "after")) for e in loras[:n]]
+    rows += [(None, 1.0, "after")] * (n - len(rows))
+    fields = {e["file"]: {k: e[k] for k in ("blocks", "models") if e.get(k)} for e in loras[:n]}
+    return rows, {"fields": {f: v for f, v in fields.items() if v}, "overflow": [dict(e) for e in loras[n:]]}
+
+
+def loras_from_rows(rows, carry=None) -> list:
+    """The recipe's `loras` from the rows (empty file: no entry), with the carried fields put back."""
+    carry = carry or {}
+    out = []
+    for file, strength, when in rows:
+        if not file or file == "(none)":
+            continue
+        entry = {"file": file, "strength": float(1.0 if strength is None else strength),
+                 "when": when if when in LORA_WHEN else "after"}
+        for key, value in (carry.get("fields") or {}).get(file, {}).items():
+            if key != "models" or entry["when"] == "before":
+                entry[key] = value
+        out.append(entry)
+    return out + [dict(e) for e in carry.get("overflow") or []]

@@ -20,8 +20,10 @@ import gradio as gr
 from modules import cache, call_queue, paths, script_callbacks, scripts, sd_models, shared
 
 # Imported now, at load time: the extension folder is on sys.path only while this file executes.
+import astolfo_merge.lora as merger_lora
 import astolfo_merge.trials as trials
 import astolfo_merge.ui as merger_ui
+from astolfo_merge.errors import RecipeError
 from astolfo_merge.host import Host, HostSettings
 
 TAB_TITLE, TAB_ID = "Merger", "astolfo_merge"
@@ -82,6 +84,15 @@ class WebuiHost(Host):
 
     def recipes_dir(self) -> str:
         return os.path.join(paths.data_path, "astolfo_merge", "recipes")
+
+    def lora_dirs(self) -> list:
+        """The WebUI's LoRA folders: --lora-dir (default models/Lora), models/LyCORIS, $ASTOLFO_LORA_DIR."""
+        models = os.path.dirname(os.path.abspath(sd_models.model_path))
+        dirs = [getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora"),
+                getattr(shared.cmd_opts, "lyco_dir_backcompat", None) or os.path.join(models, "LyCORIS")]
+        if os.environ.get("ASTOLFO_LORA_DIR"):
+            dirs.append(os.environ["ASTOLFO_LORA_DIR"])
+        return list(dict.fromkeys(os.path.abspath(d) for d in dirs))
 
     def after_merge(self, result) -> str | None:
         """Hash cache entry, then the checkpoint list; never waits for a running generation."""
@@ -178,6 +189,19 @@ def confirm_alpha(p, xs):
         trials.check(HOST, trials.with_alpha(template, x))
 
 
+def apply_lora_strength(p, x, xs):
+    use_recipe(p, merger_lora.with_lora_strength(trials.load_template(HOST), x), xs)
+
+
+def confirm_lora_strength(p, xs):
+    template = trials.load_template(HOST)
+    if not template.extra.get("loras"):
+        raise RecipeError("loras", "the XYZ template bakes no LoRA: pick one in the Merger tab's LoRA rows, "
+                                   "then press 'Use as XYZ template' again")
+    for x in xs:
+        trials.check(HOST, merger_lora.with_lora_strength(template, x))
+
+
 def apply_recipe(p, x, xs):
     use_recipe(p, trials.load_named_recipe(HOST, x), xs)
 
@@ -194,6 +218,8 @@ def add_xyz_axes():
     xyz.axis_options.extend([
         xyz.AxisOption(f"{AXIS_PREFIX} alpha", float, apply_alpha, format_value=xyz.format_value_add_label,
                        confirm=confirm_alpha, cost=1.1),
+        xyz.AxisOption(f"{AXIS_PREFIX} LoRA strength", float, apply_lora_strength,
+                       format_value=xyz.format_value_add_label, confirm=confirm_lora_strength, cost=1.1),
         xyz.AxisOption(f"{AXIS_PREFIX} recipe", str, apply_recipe, format_value=xyz.format_value,
                        confirm=confirm_recipe, cost=1.1, choices=lambda: trials.recipe_files(HOST)),
     ])

@@ -20,9 +20,11 @@ import types
 
 import gradio as gr
 import pytest
+import torch
 
 from astolfo_merge import jobs, trials, ui_catalog
 from astolfo_merge.checkpoint import read_header
+from conftest import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "astolfo_merge_tab.py"
@@ -202,7 +204,7 @@ def test_xyz_axes_are_added_once_with_the_merger_prefix(webui):
     ns.callbacks["before_ui"][0]()
     ns.callbacks["before_ui"][0]()     # every Reload UI runs it again
     labels = [o.label for o in ns.xyz.axis_options]
-    assert labels == ["Checkpoint name", "[Merger] alpha", "[Merger] recipe"]
+    assert labels == ["Checkpoint name", "[Merger] alpha", "[Merger] LoRA strength", "[Merger] recipe"]
     assert all(o.cost > 1.0 for o in ns.xyz.axis_options[1:]), "merging axes iterate outermost"
 
 
@@ -227,6 +229,44 @@ def test_the_alpha_axis_merges_each_value_once_and_switches_the_cell_to_it(webui
     assert other.override_settings["sd_model_checkpoint"] != name
     metadata = read_header(ns.models / other.override_settings["sd_model_checkpoint"]).metadata
     assert json.loads(metadata["astolfo_merge_recipe"])["params"]["alpha"] == 0.75
+
+
+def test_the_lora_strength_axis_merges_each_strength_into_its_own_cached_file(webui):
+    from astolfo_merge.lora_synth import write_synthetic_lora
+    ns, glue = webui
+    glue.add_xyz_axes()
+    axis = next(o for o in ns.xyz.axis_options if o.label == "[Merger] LoRA strength")
+    webui_models = ns.models / "webui-models"     # models/Stable-diffusion and models/Lora side by side
+    sd_dir, lora_dir = webui_models / "Stable-diffusion", webui_models / "Lora"
+    sd_dir.mkdir(parents=True)
+    lora_dir.mkdir()
+    os.symlink(ns.models / "sd1-a.safetensors", sd_dir / "sd1-a.safetensors")
+    ns.sd.model_path = str(sd_dir)
+    ns.sd.list_models()
+    write_synthetic_lora(lora_dir / "style.safetensors", "sd1", 64, algo="lora", rank=2)
+    assert [name for name, _ in glue.HOST.lora_files()] == ["style.safetensors"]
+    trials.save_template(glue.HOST, {"pool": ["sd1-a.safetensors"], "method": "n_average",
+                                     "loras": [{"file": "style.safetensors", "strength": 1.0}]})
+    axis.confirm(p_object(), [0.0, 1.0])
+    cells = [p_object(), p_object(), p_object()]
+    for cell, x in zip(cells, (0.0, 1.0, 0.0)):
+        axis.apply(cell, x, [0.0, 1.0])
+    names = [c.override_settings["sd_model_checkpoint"] for c in cells]
+    assert names[0] == names[2] != names[1] and all((sd_dir / n).is_file() for n in names)
+    strengths = [json.loads(read_header(sd_dir / n).metadata["astolfo_merge_recipe"])["loras"][0]["strength"]
+                 for n in names[:2]]
+    assert strengths == [0.0, 1.0]
+    weights = [load(sd_dir / n)["model.diffusion_model.input_blocks.1.1.proj_in.weight"] for n in names[:2]]
+    assert not torch.equal(weights[0], weights[1])
+
+
+def test_the_lora_strength_axis_refuses_a_template_without_loras(webui):
+    ns, glue = webui
+    glue.add_xyz_axes()
+    axis = next(o for o in ns.xyz.axis_options if o.label == "[Merger] LoRA strength")
+    trials.save_template(glue.HOST, {"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum"})
+    with pytest.raises(Exception, match="bakes no LoRA"):
+        axis.confirm(p_object(), [0.5])
 
 
 def test_the_recipe_axis_merges_saved_recipe_files(webui):
