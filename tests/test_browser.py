@@ -21,7 +21,7 @@ import pytest
 from astolfo_merge.checkpoint import read_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+from browser_helpers import CHROMIUM, launch, pick, progress
 ARTIFACTS = ROOT / "test-artifacts"
 SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds)
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
@@ -88,24 +88,11 @@ def app(request, tmp_path):
 def page():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch(p)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
         pg.set_default_timeout(20_000)
         yield pg
         browser.close()
-
-
-def pick(page, name):
-    """Tick a model and wait for the tab to take it into the pool (at human speed)."""
-    page.locator("#astolfo_merge_pool label", has_text=name).click()
-    page.wait_for_function(f"document.querySelector('#astolfo_merge_pool_summary').innerText.includes('{name}')")
-
-
-def progress(page) -> dict:
-    el = page.locator("#astolfo_merge_progress .astolfo-progress")
-    return {"status": el.get_attribute("data-status"), "done": int(el.get_attribute("data-done") or 0),
-            "total": int(el.get_attribute("data-total") or 0)}
 
 
 def watch(page, until, timeout=30.0, on_step=None) -> list:

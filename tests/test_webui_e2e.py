@@ -39,7 +39,7 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+from browser_helpers import CHROMIUM, launch, pick as _pick, progress as merge_status
 SCREENSHOT = ROOT / "test-artifacts" / "webui_merger_tab.png"
 A1111_DIR = os.environ.get("A1111_DIR", "")
 START_TIMEOUT_S = 300          # the WebUI imports torch, gradio, ldm and sgm: ~20 s idle, minutes when busy
@@ -157,26 +157,13 @@ def page():
         pytest.skip(f"needs Debian's chromium at {CHROMIUM}")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        browser = launch(p)
         pg = browser.new_page(viewport={"width": 1500, "height": 1100})
         pg.set_default_timeout(30_000)
         pg.errors = []
         pg.on("pageerror", lambda error: pg.errors.append(f"{error}\n{getattr(error, 'stack', '')}"))
         yield pg
         browser.close()
-
-
-def pick(page, name):
-    """Tick a model and wait for the tab to take it into the pool."""
-    page.locator("#astolfo_merge_pool label", has_text=name).click()
-    page.wait_for_function(f"gradioApp().querySelector('#astolfo_merge_pool_summary').innerText.includes('{name}')")
-
-
-def merge_status(page) -> dict:
-    el = page.locator("#astolfo_merge_progress .astolfo-progress")
-    return {"status": el.get_attribute("data-status"), "done": int(el.get_attribute("data-done") or 0),
-            "total": int(el.get_attribute("data-total") or 0)}
 
 
 def finished(status: dict):
@@ -209,8 +196,8 @@ def test_a_merge_in_the_merger_tab_is_listed_by_the_webui_with_its_hash(webui, p
 
     page.locator("#astolfo_merge_method input").first.click()
     page.locator("ul.options li", has_text="weighted_sum").first.click()
-    pick(page, "sd1-a.safetensors")
-    pick(page, "sd1-b.safetensors")
+    _pick(page, "sd1-a.safetensors", root="gradioApp()")
+    _pick(page, "sd1-b.safetensors", root="gradioApp()")
     alpha = page.locator("#astolfo_merge_param_slider0 input[type=number]")
     alpha.fill("0.3")
     alpha.press("Enter")

@@ -1,0 +1,22 @@
+"""What both browser tests (standalone tab, real WebUI) do with the Merger tab in Chromium."""
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+
+
+def launch(playwright):
+    """Debian's chromium (never a downloaded browser), with the flags this closed network needs."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def pick(page, name, root="document"):
+    """Tick a model and wait for the tab to take it into the pool (at human speed).
+    `root` is the JS expression of the page root (`gradioApp()` inside the WebUI)."""
+    page.locator("#astolfo_merge_pool label", has_text=name).click()
+    page.wait_for_function(f"{root}.querySelector('#astolfo_merge_pool_summary').innerText.includes('{name}')")
+
+
+def progress(page) -> dict:
+    """The job's state as the progress bar shows it: status, keys done, keys total."""
+    el = page.locator("#astolfo_merge_progress .astolfo-progress")
+    return {"status": el.get_attribute("data-status"), "done": int(el.get_attribute("data-done") or 0),
+            "total": int(el.get_attribute("data-total") or 0)}
