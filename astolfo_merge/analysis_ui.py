@@ -15,15 +15,9 @@ import gradio as gr
 from .analysis import COMPONENT_LABELS, analyze, plot
 from .errors import AstolfoError, RecipeError
 from .ui_compat import listen, make
-from .ui_tasks import run_in_thread
+from .ui_tasks import NONE, error_text, run_in_thread
 
 ELEM = "astolfo_merge_analysis"
-NONE = "(none)"
-
-
-def error_text(exc: Exception) -> str:
-    return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"
-
 
 class AnalysisPanel:
     """Handlers over widget values (model names as the host lists them); `build` lays the widgets out."""

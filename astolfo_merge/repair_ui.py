@@ -17,15 +17,9 @@ from .inspection import format_report, inspect_file
 from .recipe import check_output_name
 from .repair import default_output, plan_repair, run_repair
 from .ui_compat import listen, make
-from .ui_tasks import run_in_thread
+from .ui_tasks import NONE, error_text, run_in_thread
 
 ELEM = "astolfo_merge_repair"
-NONE = "(none)"
-
-
-def error_text(exc: Exception) -> str:
-    return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"
-
 
 class RepairPanel:
     """Handlers over widget values (names as the host lists them); `build` lays the widgets out."""

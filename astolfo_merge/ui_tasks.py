@@ -41,3 +41,12 @@ def last(generator):
     for value in generator:
         pass
     return value
+
+
+NONE = "(none)"   # the "no model" choice of the sub-tabs' pickers
+
+
+def error_text(exc: Exception) -> str:
+    """A failure as the sub-tabs show it: bad input plainly, anything else as an internal error."""
+    from .errors import AstolfoError
+    return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"

@@ -1,4 +1,8 @@
 """What both browser tests (standalone tab, real WebUI) do with the Merger tab in Chromium."""
+import hashlib
+import pathlib
+import socket
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 
@@ -20,3 +24,13 @@ def progress(page) -> dict:
     el = page.locator("#astolfo_merge_progress .astolfo-progress")
     return {"status": el.get_attribute("data-status"), "done": int(el.get_attribute("data-done") or 0),
             "total": int(el.get_attribute("data-total") or 0)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()

@@ -21,7 +21,7 @@ import pytest
 from astolfo_merge.checkpoint import read_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from browser_helpers import CHROMIUM, launch, pick, progress
+from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress
 ARTIFACTS = ROOT / "test-artifacts"
 SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds)
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
@@ -30,16 +30,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def wait_http(url, proc, timeout=60):

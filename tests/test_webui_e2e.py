@@ -39,7 +39,7 @@ import urllib.request
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from browser_helpers import CHROMIUM, launch, pick as _pick, progress as merge_status
+from browser_helpers import CHROMIUM, free_port, sha256, launch, pick as _pick, progress as merge_status
 SCREENSHOT = ROOT / "test-artifacts" / "webui_merger_tab.png"
 A1111_DIR = os.environ.get("A1111_DIR", "")
 START_TIMEOUT_S = 300          # the WebUI imports torch, gradio, ldm and sgm: ~20 s idle, minutes when busy
@@ -58,16 +58,6 @@ def webui_python() -> str:
         return os.environ["A1111_PYTHON"]
     own_venv = pathlib.Path(A1111_DIR, "venv", "bin", "python")
     return str(own_venv) if own_venv.exists() else sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sha256(path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
 def get_json(url, data=None, timeout=10):
