@@ -15,6 +15,8 @@ import json
 import math
 import os
 import struct
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -251,6 +253,81 @@ class OutputBusyError(AstolfoError):
         super().__init__(f"{self.target}: another merge is writing this file right now; wait for it or pick another name")
 
 
+class _Emitter:
+    """Hashes and writes the writer's byte chunks on a background thread, so that sha256 and the
+    page-cache copy overlap the next chunk's arithmetic (hashlib and file writes release the GIL).
+    Queued bytes are bounded (one item is always allowed); marks snapshot (offset, hash) in stream
+    order; the first I/O error is re-raised to the caller at its next call."""
+
+    LIMIT = 64 << 20
+
+    def __init__(self, f):
+        self.f, self.hash, self.offset = f, hashlib.sha256(), 0
+        self.mark = None            # (tag, offset, hash) at the latest mark the stream reached
+        self._items, self._pending, self._error = deque(), 0, None
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="astolfo-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, data, mark=None):
+        """Queue bytes (the memoryview must stay valid and unchanged until written) or a mark."""
+        size = len(data) if data is not None else 0
+        with self._cv:
+            self._cv.wait_for(lambda: self._error or not self._items or self._pending + size <= self.LIMIT)
+            self._raise()
+            self._items.append((data, mark))
+            self._pending += size
+            self._cv.notify_all()
+
+    def drain(self):
+        with self._cv:
+            self._cv.wait_for(lambda: self._error or (not self._items and self._pending == 0))
+            self._raise()
+
+    def reset(self, offset, digest):
+        """After drain(): continue from an earlier mark (rewind)."""
+        self.f.seek(offset)
+        self.offset, self.hash = offset, digest.copy()
+
+    def close(self):
+        if not self._thread.is_alive():
+            return
+        with self._cv:
+            self._items.append((None, "__stop__"))
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def _run(self):
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._items)
+                data, mark = self._items[0]
+            if mark == "__stop__":
+                return
+            try:
+                if data is not None:
+                    self.f.write(data)
+                    self.hash.update(data)
+                    self.offset += len(data)
+                else:
+                    self.mark = (mark, self.offset, self.hash.copy())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                with self._cv:
+                    self._error = exc
+                    self._items.clear()
+                    self._pending = 0
+                    self._cv.notify_all()
+                continue
+            with self._cv:
+                self._items.popleft()
+                self._pending -= len(data) if data is not None else 0
+                self._cv.notify_all()
+
+
 class SafetensorsWriter:
     """Streams tensors into `<target>` through a hidden temp file in the same folder.
 
@@ -287,10 +364,10 @@ class SafetensorsWriter:
         self.total_bytes = 8 + len(blob) + offset
         self.tmp = partial_path(self.target)
         self._f = _open_locked(self.tmp, self.target)
-        self._hash = hashlib.sha256()
+        self._out = _Emitter(self._f)
         self._index, self._left = 0, (self._sizes[0] if self._sizes else 0)
-        self._emit(struct.pack("<Q", len(blob)) + blob)
-        self._mark = (0, self._f.tell(), self._hash.copy())
+        self._out.put(memoryview(struct.pack("<Q", len(blob)) + blob))
+        self._out.put(None, mark=0)
         self.sha256 = None
 
     def __enter__(self):
@@ -300,12 +377,9 @@ class SafetensorsWriter:
         if exc_type is not None or self.sha256 is None:
             self.abort()
 
-    def _emit(self, data):
-        self._f.write(data)
-        self._hash.update(data)
-
     def write(self, key, chunk: torch.Tensor):
-        """Write (part of) the current tensor; chunks must come in row-major order."""
+        """Write (part of) the current tensor; chunks must come in row-major order. The bytes are
+        written in the background: `chunk` must not be modified after this call."""
         while (self._index < len(self.entries) and self._sizes[self._index] == 0
                and self.entries[self._index][0] != key):
             self._advance()   # empty tensors need no bytes; callers may skip them
@@ -316,30 +390,34 @@ class SafetensorsWriter:
         data = tensor_bytes(chunk.to(dtype))
         if len(data) > self._left:
             raise RuntimeError(f"tensor '{key}': {len(data)} bytes written, only {self._left} left")
-        self._emit(data)
+        self._out.put(data)
         self._left -= len(data)
         if self._left == 0:
             self._advance()
 
     def rewind(self, key):
         """Start the current (unfinished) tensor `key` over: its chunks are produced again."""
-        index, offset, digest = self._mark
-        if index >= len(self.entries) or self.entries[index][0] != key or self._index != index:
+        index = self._index
+        if index >= len(self.entries) or self.entries[index][0] != key:
             raise RuntimeError(f"cannot rewind '{key}': it is not the tensor being written")
-        self._f.seek(offset)
-        self._hash = digest.copy()
+        self._out.drain()
+        tag, offset, digest = self._out.mark
+        assert tag == index, (tag, index)
+        self._out.reset(offset, digest)
         self._left = self._sizes[index]
 
     def _advance(self):
         self._index += 1
         self._left = self._sizes[self._index] if self._index < len(self._sizes) else 0
-        self._mark = (self._index, self._f.tell(), self._hash.copy())
+        self._out.put(None, mark=self._index)
 
     def commit(self) -> str:
         while self._index < len(self.entries) and self._sizes[self._index] == 0:
             self._advance()
         if self._index < len(self.entries):
             raise RuntimeError(f"writer closed before tensor '{self.entries[self._index][0]}' was written")
+        self._out.drain()
+        self._out.close()
         self._f.flush()
         os.fsync(self._f.fileno())
         if self.overwrite:
@@ -353,10 +431,11 @@ class SafetensorsWriter:
             os.unlink(self.tmp)
         self._f.close()   # releases the lock only once the temp name is gone
         _fsync_dir(os.path.dirname(self.target))
-        self.sha256 = self._hash.hexdigest()
+        self.sha256 = self._out.hash.hexdigest()
         return self.sha256
 
     def abort(self):
+        self._out.close()
         try:
             if not self._f.closed and os.path.exists(self.tmp):
                 os.unlink(self.tmp)

@@ -126,7 +126,8 @@ def build_parser():
     m.add_argument("--models-dir", default=DEFAULT_MODELS_DIR)
     m.add_argument("--output", "-o", help="output path (default: the recipe's 'output' inside --models-dir)")
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    m.add_argument("--threads", type=int, default=0)
+    m.add_argument("--threads", type=int, default=0,
+                   help="chunk worker threads (0 = auto = 1; more only pays off where ops are not GIL-bound)")
     m.add_argument("--memory-gb", type=float, default=1.5)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")

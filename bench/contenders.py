@@ -1,6 +1,6 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+usage: python bench/contenders.py (ours|ours32|ours2t|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
 """
 import json
 import os
@@ -10,7 +10,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0):
     from astolfo_merge.engine import RunOptions, run_merge
     from astolfo_merge.plan import build_plan
     from astolfo_merge.recipe import parse_recipe
@@ -18,7 +18,7 @@ def ours(method, out, inputs, base, memory_gb, params, precision):
     if base:
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
-    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False))
+    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads))
 
 
 def mecha(method, out, inputs, base, memory_gb, params, precision):
@@ -77,5 +77,11 @@ if __name__ == "__main__":
         else:
             rest.append(a)
     t = time.time()
-    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision)
+    if who == "ours32":     # ours with fp32 arithmetic (the precision the naive notebook average uses)
+        who, precision = "ours", "fp32"
+    threads = 0
+    if who == "ours2t":     # ours with two chunk-worker threads
+        who, threads = "ours", 2
+    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
+                                                          **({"threads": threads} if who == "ours" else {}))
     print(f"{who} {method} done in {time.time() - t:.1f} s")

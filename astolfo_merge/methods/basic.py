@@ -14,22 +14,27 @@ ALPHA_HELP = "weight of the second model (B): 0 gives A, 1 gives B"
 
 def _weighted_sum(inputs, params):
     alpha = params["alpha"]
-    for a, b in inputs.chunks(resident=3):
+
+    def rows(a, b):
         x = inputs.read_rows(0, a, b)
         if alpha == 0.0:
-            yield x
-            continue
-        y = inputs.read_rows(1, a, b)
+            return x
         # the WebUI's own formula: A*(1-M) + B*M
-        yield x.mul_(1.0 - alpha).add_(y, alpha=alpha)
+        return x.mul_(1.0 - alpha).add_(inputs.read_rows(1, a, b), alpha=alpha)
+    yield from inputs.imap(rows, inputs.chunks(resident=3))
 
 
 def _add_difference(inputs, params):
     alpha = params["alpha"]
-    for a, b in inputs.chunks(resident=3):
+
+    def rows(a, b):
         x, y, c = inputs.read_rows(0, a, b), inputs.read_rows(1, a, b), inputs.read_base_rows(a, b)
         # the WebUI's own formula: A + (B - C)*M
-        yield x.add_(y.sub_(c), alpha=alpha)
+        return x.add_(y.sub_(c), alpha=alpha)
+    yield from inputs.imap(rows, inputs.chunks(resident=3))
+
+
+EXACT_FP16_SUM = 8192   # fp16 values are multiples of 2^-24 below 2^16: up to 2^13 of them sum exactly in fp64
 
 
 def _n_average(inputs, params):
@@ -40,21 +45,39 @@ def _n_average(inputs, params):
     total = sum(weights)
     if total == 0:
         raise RecipeError("params.weights", "sum to zero")
-    for a, b in inputs.chunks(resident=2):
-        acc = None
-        for i, w in enumerate(weights):
-            if w == 0:
-                continue
-            x = inputs.read_rows(i, a, b)
-            acc = x.mul_(w) if acc is None else acc.add_(x, alpha=w)
-        yield acc.div_(total) if acc is not None else torch.zeros((b - a,) + inputs.shape[1:], dtype=inputs.dtype)
+    used = [i for i, w in enumerate(weights) if w != 0]
+    # Unit weights over fp16 values in fp64: the sum is exact, so one reduction op (any order) gives
+    # the same bits as the ordered sum; otherwise add in pool order (chunk-independent rounding).
+    exact = (inputs.dtype == torch.float64 and all(weights[i] == 1.0 for i in used) and len(used) <= EXACT_FP16_SUM
+             and all(d == torch.float16 for d in inputs.pool_dtypes()))
+
+    def rows(a, b):
+        if not used:
+            return torch.zeros((b - a,) + inputs.shape[1:], dtype=inputs.dtype)
+        if len(used) < inputs.n:      # a zero weight: that model is not even read
+            parts = [inputs.read_rows(i, a, b) for i in used]
+        else:
+            parts = inputs.read_stack(a, b)
+        if exact:
+            acc = parts.sum(dim=0) if isinstance(parts, torch.Tensor) else torch.stack(parts).sum(dim=0)
+        else:
+            acc = parts[0].clone()
+            if weights[used[0]] != 1.0:
+                acc.mul_(weights[used[0]])
+            for i, x in zip(used[1:], parts[1:]):
+                acc.add_(x, alpha=weights[i])
+        return acc.div_(total)
+    resident = inputs.n + 2
+    yield from inputs.imap(rows, inputs.chunks(resident=resident))
 
 
 def _amplify(inputs, params):
     alpha = params["alpha"]
-    for a, b in inputs.chunks(resident=2):
+
+    def rows(a, b):
         x, r = inputs.read_rows(0, a, b), inputs.read_base_rows(a, b)
-        yield r.add_(x.sub_(r), alpha=alpha)
+        return r.add_(x.sub_(r), alpha=alpha)
+    yield from inputs.imap(rows, inputs.chunks(resident=2))
 
 
 register(Method(
@@ -71,7 +94,7 @@ register(Method(
     "n_average", "N-way average (uniform soup)", "(1/N)·Σ models, or the weighted mean with 'weights'; streams, exact in fp64.",
     _n_average, params=(Param("weights", "floats", None, -10.0, 10.0,
                               help="optional per-model weights, in pool order (normalised by their sum)"),),
-    min_models=1, resident=lambda n: 2))
+    min_models=1, resident=lambda n: n + 2))
 
 register(Method(
     "amplify", "Amplify difference", "R + alpha·(X − R), R = base: extrapolates X away from R (the seeds' amp(X, R, 2)).",

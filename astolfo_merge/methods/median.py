@@ -117,15 +117,8 @@ def median_chunks(stacks: Callable[[], Iterable[torch.Tensor]], spans: list, eps
 
 
 def read_stack(inputs, start: int, stop: int, minus_base: bool = False) -> torch.Tensor:
-    """The N pool tensors' rows [start, stop) stacked as [n, rows, ...] (or [n] for 0-d keys)."""
-    first = inputs.read_rows(0, start, stop)
-    stack = torch.empty((inputs.n,) + tuple(first.shape), dtype=first.dtype, device=first.device)
-    stack[0] = first
-    for i in range(1, inputs.n):
-        stack[i] = inputs.read_rows(i, start, stop)
-    if minus_base:
-        stack -= inputs.read_base_rows(start, stop)
-    return stack
+    """The N pool tensors' rows [start, stop) stacked as [n, rows, ...] (KeyInputs.read_stack)."""
+    return inputs.read_stack(start, stop, minus_base)
 
 
 def _geometric_median(inputs, params):

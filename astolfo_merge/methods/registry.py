@@ -163,15 +163,43 @@ class KeyInputs:
     def read_base(self) -> torch.Tensor:
         return self.read_base_rows(0, self.rows)
 
-    def read_rows(self, i, start, stop) -> torch.Tensor:
+    def read_rows(self, i, start, stop, out=None) -> torch.Tensor:
+        """Rows [start, stop) of pool model i in the compute dtype: a fresh tensor the caller owns,
+        or, with `out` (a compute-dtype tensor of that many elements), written into `out` (saves an
+        allocation per read in loops that only need the values briefly)."""
         raise NotImplementedError
 
-    def read_base_rows(self, start, stop) -> torch.Tensor:
+    def read_base_rows(self, start, stop, out=None) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_stack(self, start, stop, minus_base: bool = False) -> torch.Tensor:
+        """The N pool tensors' rows [start, stop) stacked as [n, rows, ...] (or [n] for 0-d keys),
+        in the compute dtype; with `minus_base`, the deltas to the base."""
+        first = self.read_rows(0, start, stop)
+        stack = torch.empty((self.n,) + tuple(first.shape), dtype=first.dtype, device=first.device)
+        stack[0] = first
+        for i in range(1, self.n):
+            self.read_rows(i, start, stop, out=stack[i])
+        if minus_base:
+            stack -= self.read_base_rows(start, stop)
+        return stack
+
+    def pool_dtypes(self) -> tuple:
+        """The dtype each pool model's values have before the cast to the compute dtype (what the
+        file stores, unless something was applied to them on the way). Lets a method know when a
+        computation is exact in any order (e.g. any sum of up to 8192 fp16 values in fp64)."""
+        return (self.dtype,) * self.n
 
     def chunks(self, resident: int):
         """Row ranges such that `resident` compute-dtype chunks fit the budget."""
         raise NotImplementedError
+
+    def imap(self, fn: Callable[[int, int], object], spans) -> Iterator:
+        """`fn(start, stop)` for every span, results in span order. The engine may run several spans
+        at once on worker threads (`chunks` then leaves room for each), so `fn` must only read its own
+        rows and touch no state shared with other spans; here, serially."""
+        for a, b in spans:
+            yield fn(a, b)
 
     def log(self, message: str):
         pass
@@ -189,16 +217,20 @@ class TensorInputs(KeyInputs):
         self.recipe_seed, self.budget_bytes = recipe_seed, budget_bytes
         self.messages = []
 
-    def _rows(self, t, start, stop):
+    def _rows(self, t, start, stop, out=None):
         t = t if t.dim() else t.reshape(1)
-        out = t[start:stop].to(self.dtype, copy=True)
-        return out if len(self.shape) else out.reshape(())
+        rows = t[start:stop]
+        rows = rows.to(self.dtype, copy=True) if out is None else out.reshape(rows.shape).copy_(rows)
+        return rows if len(self.shape) else rows.reshape(())
 
-    def read_rows(self, i, start, stop):
-        return self._rows(self.tensors[i], start, stop)
+    def read_rows(self, i, start, stop, out=None):
+        return self._rows(self.tensors[i], start, stop, out)
 
-    def read_base_rows(self, start, stop):
-        return self._rows(self.base, start, stop)
+    def read_base_rows(self, start, stop, out=None):
+        return self._rows(self.base, start, stop, out)
+
+    def pool_dtypes(self):
+        return tuple(t.dtype for t in self.tensors)
 
     def chunks(self, resident):
         step = self.chunk_rows or self.rows
