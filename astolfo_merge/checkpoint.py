@@ -3,19 +3,21 @@
 Safetensors layout: 8-byte little-endian header length N, N bytes of JSON, then the tensor bytes.
 Headers are validated once, here, with errors that name the file (STYLE.md). Tensor data is read
 with positioned reads into fresh buffers (`read`, `read_rows`) so memory is what the caller asks
-for, never the whole file. Legacy `.ckpt`/`.pt` go only through
+for, never the whole file; the engine's hot loops may instead take zero-copy, read-only views of a
+memory map (`view_rows`) and hand the pages back after each key (`release`). Legacy `.ckpt`/`.pt` go only through
 `torch.load(weights_only=True, mmap=True)`: no arbitrary unpickling.
 """
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import threading
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -23,6 +25,14 @@ import numpy as np
 import torch
 
 from .errors import AstolfoError, CheckpointError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:       # Windows: the temp file is locked with msvcrt instead
+    fcntl = None
+    import msvcrt
+
+O_BINARY = getattr(os, "O_BINARY", 0)   # Windows opens fds in text mode otherwise
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -54,7 +64,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * self.dtype.itemsize
 
     @property
     def is_float(self) -> bool:
@@ -174,15 +184,16 @@ def _legacy_header(path) -> Header:
 
 
 class CheckpointReader:
-    """Reads whole tensors or row ranges of one checkpoint into fresh memory."""
+    """Reads whole tensors or row ranges of one checkpoint into fresh memory, or views them in place."""
 
     def __init__(self, path, header: Header | None = None):
         self.header = header or read_header(path)
         self.path = self.header.path
         self._fd = None
         self._legacy = None
+        self._map = self._bytes = None
         if self.header.format == "safetensors":
-            self._fd = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY | O_BINARY)
         else:
             self._legacy = _legacy_state_dict(self.path)
 
@@ -193,6 +204,13 @@ class CheckpointReader:
         self.close()
 
     def close(self):
+        self._bytes = None
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:    # a view is still alive somewhere: the map goes with it
+                pass
+            self._map = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -221,20 +239,69 @@ class CheckpointReader:
             return self.read(key)
         if self._legacy is not None:
             return self._legacy[key][start:stop].clone()
-        row = info.nbytes // info.shape[0] if info.shape[0] else 0
-        flat = self._pread(info, info.begin + start * row, info.begin + stop * row, scratch)
+        begin, end = self._row_bytes(info, start, stop)
+        flat = self._pread(info, begin, end, scratch)
         return flat.reshape((stop - start,) + tuple(info.shape[1:]))
+
+    def view_rows(self, key, start: int, stop: int) -> torch.Tensor | None:
+        """Rows [start, stop) as a zero-copy view of the file's pages, in the stored dtype; None where
+        that is not possible (legacy file, scalar, data not aligned to the dtype). READ-ONLY: the
+        pages are mapped read-only, so writing into the view crashes; convert or copy first."""
+        info = self.info(key)
+        if self._fd is None or not info.shape or info.nbytes == 0:
+            return None
+        itemsize = info.nbytes // info.numel
+        begin, end = (self.header.data_start + at for at in self._row_bytes(info, start, stop))
+        if begin % itemsize:
+            return None
+        flat = self._mapped()[begin:end]
+        return flat.view(info.dtype).reshape((stop - start,) + tuple(info.shape[1:]))
+
+    def release(self, key, start: int = 0, stop: int | None = None):
+        """Unmap the pages of rows [start, stop) of `key` (default: all) that views touched; they
+        stay in the page cache. Keeps the process's file-backed resident memory near one chunk per
+        model instead of growing to whole files. Harmless for views still in use: they fault back."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return
+        info = self.info(key)
+        if not info.shape or info.nbytes == 0:
+            return
+        first, last = self._row_bytes(info, start, info.shape[0] if stop is None else stop)
+        page = mmap.PAGESIZE
+        begin = (self.header.data_start + first) // page * page
+        end = min(len(self._map), self.header.data_start + last)
+        if end > begin:
+            self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def _mapped(self) -> torch.Tensor:
+        if self._bytes is None:
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+            with warnings.catch_warnings():    # torch warns that the buffer is not writable: by design
+                warnings.simplefilter("ignore", UserWarning)
+                self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+        return self._bytes
+
+    @staticmethod
+    def _row_bytes(info: TensorInfo, start: int, stop: int):
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        return info.begin + start * row, info.begin + stop * row
 
     def _pread(self, info: TensorInfo, begin: int, end: int, scratch=None) -> torch.Tensor:
         size = end - begin
         buf = scratch[:size] if scratch is not None and len(scratch) >= size else np.empty(size, dtype=np.uint8)
-        view, done = memoryview(buf), 0
-        while done < size:
-            got = os.preadv(self._fd, [view[done:]], self.header.data_start + begin + done)
-            if got <= 0:
-                raise CheckpointError(self.path, "unexpected end of file while reading tensor data")
-            done += got
-        return torch.frombuffer(buf, dtype=info.dtype) if size else torch.empty(0, dtype=info.dtype)
+        if size == 0:
+            return torch.empty(0, dtype=info.dtype)
+        at = self.header.data_start + begin
+        if hasattr(os, "preadv"):
+            view, done = memoryview(buf), 0
+            while done < size:
+                got = os.preadv(self._fd, [view[done:]], at + done)
+                if got <= 0:
+                    raise CheckpointError(self.path, "unexpected end of file while reading tensor data")
+                done += got
+        else:     # Windows has no positioned reads: copy out of the memory map
+            torch.from_numpy(buf).copy_(self._mapped()[at:at + size])
+        return torch.frombuffer(buf, dtype=info.dtype)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -352,7 +419,7 @@ class SafetensorsWriter:
         header, offset = {}, 0
         self._sizes = []
         for key, dtype, shape in self.entries:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             header[key] = {"dtype": NAME_OF[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._sizes.append(nbytes)
             offset += nbytes
@@ -452,9 +519,9 @@ def partial_path(target) -> str:
 def _open_locked(tmp, target):
     """Open and exclusively lock the temp file, reclaiming one left behind by a dead process."""
     for _attempt in range(5):
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | O_BINARY, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
@@ -469,6 +536,17 @@ def _open_locked(tmp, target):
             return os.fdopen(fd, "wb")
         os.close(fd)   # the name was unlinked/replaced under us: try again
     raise OutputBusyError(target)
+
+
+def _lock(fd):
+    """Exclusive, non-blocking lock on an open file, released by the kernel when the process dies."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError as exc:
+        raise OSError(errno.EWOULDBLOCK, str(exc)) from None
 
 
 def _fsync_dir(folder):

@@ -33,6 +33,7 @@ from .workers import ChunkWorkers, auto_workers
 CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measured fastest per element
 CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
 MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
+RELEASE_BYTES = 16 << 20            # mapped input pages are unmapped behind the reads every 16 MiB per model
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -118,7 +119,7 @@ class FileKeyInputs(KeyInputs):
     """The N pool tensors (+ base) of one key, read from files in row chunks."""
 
     def __init__(self, plan: Plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, state=None,
-                 workers: ChunkWorkers | None = None):
+                 workers: ChunkWorkers | None = None, check_inputs: bool = True):
         self.state, self._workers = state, workers
         self.key, self.shape, self.n = kp.key, tuple(kp.shape), len(kp.pool)
         self.has_base, self.dtype, self.device = kp.base is not None, dtype, device
@@ -128,16 +129,25 @@ class FileKeyInputs(KeyInputs):
         self._chunk_bytes, self._log = chunk_bytes, log
         self._local = threading.local()   # one landing buffer per thread (chunk workers read in parallel)
         self._batch_dtype = None
-        self._check_finite = plan.recipe.nonfinite in ("fail", "skip")
+        self._whole_views, self._released_to = None, 0
+        self._row_elems = max(1, math.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        # inputs are scanned for NaN/Inf unless the output check covers them (see _check_finite)
+        self._check_finite = check_inputs and plan.recipe.nonfinite in ("fail", "skip")
 
     def _landing(self, nbytes, numel):
         """This thread's reusable buffers: raw bytes, and an fp32 staging area for half → fp64 reads."""
         local = self._local
         if getattr(local, "raw", None) is None or len(local.raw) < nbytes:
             local.raw = np.empty(nbytes, dtype=np.uint8)
-        if getattr(local, "wide", None) is None or local.wide.numel() < numel:
-            local.wide = torch.empty(numel, dtype=torch.float32)
-        return local.raw, local.wide
+        return local.raw, self._buffer("wide", numel, torch.float32)
+
+    def _buffer(self, name, numel, dtype):
+        """This thread's reusable 1-D `dtype` buffer `name` of at least `numel` elements."""
+        buf = getattr(self._local, name, None)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            setattr(self._local, name, buf)
+        return buf
 
     def _read(self, source, start, stop, out=None):
         src = self._plan.sources[source]
@@ -191,38 +201,97 @@ class FileKeyInputs(KeyInputs):
             self._batch_dtype = next(iter(dtypes)) if ok else False
         return self._batch_dtype
 
+    def _views(self, start, stop):
+        """Zero-copy, read-only 1-D views of the N pool models' stored rows [start, stop) (see
+        `_batchable`), or None."""
+        whole = self._whole_views
+        if whole is None:
+            whole = False
+            if self._batchable():
+                whole = [self._readers[source].view_rows(self._plan.sources[source].keys[self.key], 0, self.rows)
+                         for source in self._kp.pool]
+                whole = False if any(v is None for v in whole) else [v.reshape(-1) for v in whole]
+            self._whole_views = whole     # two workers may both get here: same result, atomic store
+        if not whole:
+            return None
+        row = self._row_elems
+        behind = self._released_to
+        if (start - behind) * row * whole[0].element_size() >= RELEASE_BYTES:   # hand back pages already used
+            self._released_to = start
+            for source in self._kp.pool:
+                self._readers[source].release(self._plan.sources[source].keys[self.key], behind, start)
+        return [v[start * row:stop * row] for v in whole]
+
+    def _rows_of(self, name, k, count, dtype):
+        """This thread's buffer `name` as a [k, count] tensor and the list of its k rows (cached:
+        chunks of one key mostly share a size)."""
+        cache = getattr(self._local, "rows", None)
+        if cache is None:
+            cache = self._local.rows = {}
+        buf = self._buffer(name, k * count, dtype)
+        hit = cache.get((name, k, count))
+        if hit is None or hit[0].data_ptr() != buf.data_ptr():
+            matrix = buf[:k * count].view(k, count)
+            hit = cache[(name, k, count)] = (matrix, list(matrix.unbind(0)))
+        return hit
+
+    def _stage(self, views, used, dtype, out=None):
+        """Pool models `used` widened from their file pages into one [len(used), count] `dtype`
+        tensor (and the list of its rows): `out` when given, else this thread's reusable buffer
+        (valid until its next stage). One call converts all of them; the result is scanned for
+        NaN/Inf when inputs are checked."""
+        k, count = len(used), views[0].numel()
+        sources = views if k == len(views) else [views[i] for i in used]
+        if dtype == torch.float64:    # through fp32: exact, and ~3x faster than the direct cast on CPU
+            wide, rows = self._rows_of("wide", k, count, torch.float32)
+        elif out is not None:
+            wide, rows = out, list(out.unbind(0))
+        else:
+            wide, rows = self._rows_of("stage", k, count, dtype)
+        torch._foreach_copy_(rows, sources)
+        if self._check_finite and not math.isfinite(float(wide.sum())):
+            for row, i in enumerate(used):
+                if not all_finite(wide[row]):
+                    raise NonFiniteInput(self._kp.pool[i])
+        if wide.dtype == dtype:
+            return wide, rows
+        deep, rows = (out, list(out.unbind(0))) if out is not None else self._rows_of("deep", k, count, dtype)
+        return deep.copy_(wide), rows
+
     def read_stack(self, start, stop, minus_base=False):
-        """One landing buffer for all N models' rows and one conversion op for the whole stack (the
-        per-op overhead, not the arithmetic, dominates a loop of N small reads)."""
-        half = self._batchable()
-        if not half:
+        """All N models' rows in one stack, widened straight from the file pages in one call (the
+        per-op overhead, not the arithmetic, dominates a loop of N small reads and copies)."""
+        views = self._views(start, stop)
+        if views is None:
             return super().read_stack(start, stop, minus_base)
-        n, rows = self.n, stop - start
-        count = rows * (math.prod(self.shape[1:]) if len(self.shape) > 1 else 1)
-        size = count * half.itemsize
-        raw, wide = self._landing(n * size, n * count)
-        for t, source in enumerate(self._kp.pool):
-            self._readers[source].read_rows(self._plan.sources[source].keys[self.key], start, stop,
-                                            raw[t * size:(t + 1) * size])
-        stack = torch.empty((n, rows) + tuple(self.shape[1:]), dtype=self.dtype)
-        halves = torch.frombuffer(raw, dtype=half, count=n * count).view(n, count)
-        # fp64 goes through an fp32 staging copy (exact; ~3x faster than the direct cast on CPU)
-        staged = stack.view(n, count) if self.dtype != torch.float64 else wide[:n * count].view(n, count)
-        staged.copy_(halves)
-        if self._check_finite and not math.isfinite(float(staged.sum())):
-            for t in range(n):
-                if not all_finite(staged[t]):
-                    raise NonFiniteInput(self._kp.pool[t])
-        if staged.data_ptr() != stack.data_ptr():
-            stack.view(n, count).copy_(staged)
+        stack = torch.empty((self.n, stop - start) + tuple(self.shape[1:]), dtype=self.dtype)
+        self._stage(views, range(self.n), self.dtype, out=stack.view(self.n, -1))
         if minus_base:
             stack -= self.read_base_rows(start, stop)
         return stack
 
+    def sum_rows(self, start, stop, weights):
+        """Widens the used models straight from the file pages in one call, then adds them in pool
+        order (or, where exact, reduces them in one op)."""
+        views = self._views(start, stop)
+        if views is None or not any(weights):
+            return super().sum_rows(start, stop, weights)
+        used = [i for i, w in enumerate(weights) if w != 0]
+        shape = (stop - start,) + tuple(self.shape[1:])
+        if self.exact_unit_sum(weights):
+            return torch.sum(self._stage(views, used, torch.float32)[0], dim=0, dtype=torch.float64).reshape(shape)
+        rows = self._stage(views, used, self.dtype)[1]
+        acc = rows[0].clone()
+        if weights[used[0]] != 1.0:
+            acc.mul_(weights[used[0]])
+        for row, i in zip(rows[1:], used[1:]):
+            acc.add_(row, alpha=weights[i])
+        return acc.reshape(shape)
+
     def chunks(self, resident: int):
         rows = self.rows
         row_elems = max(1, math.prod(self.shape[1:])) if self.shape else 1
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize
         in_flight = self._workers.in_flight if self._workers else 1
         by_budget = self._chunk_bytes // max(1, in_flight * resident * row_elems * itemsize)
         per_tensor = min(CACHE_FRIENDLY_ELEMENTS, max(MIN_CHUNK_ELEMENTS, CHUNK_CACHE_BYTES // (resident * itemsize)))
@@ -340,7 +409,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
                 _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
-                done_bytes += math.prod(kp.shape) * torch.empty((), dtype=kp.dtype).element_size()
+                done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
                 report(key=kp.key, keys_done=n + 1)
                 if test_delay:
                     time.sleep(test_delay)
@@ -370,6 +439,15 @@ def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
 
 def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
     """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone."""
+    try:
+        _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+    finally:
+        for source in {*kp.pool, kp.base, kp.source} - {None}:
+            if kp.key in plan.sources[source].keys:
+                readers[source].release(plan.sources[source].keys[kp.key])
+
+
+def _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
     while True:
         try:
             for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool):
@@ -401,20 +479,32 @@ def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel
         for post in kp.post:
             chunk = post(chunk, start, stop)
         if chunk.is_floating_point() and kp.action == "merge":
-            chunk = _check_finite(plan, kp, chunk, log)
+            chunk = _check_finite(plan, kp, chunk, log, lambda: _nonfinite_input(plan, kp, readers, start, stop))
         yield chunk.to(device="cpu", dtype=kp.dtype)
 
 
-def _check_finite(plan, kp, chunk, log):
+def _check_finite(plan, kp, chunk, log, find_culprit):
     if all_finite(chunk):
         return chunk
     policy = plan.recipe.nonfinite
     files = [plan.sources[i].name for i in kp.pool]
     if policy in ("fail", "skip"):
+        culprit = find_culprit()     # methods that propagate NaN/Inf leave the input scan to here
+        if culprit is not None:
+            raise NonFiniteInput(culprit)
         raise MergeKeyError(kp.key, "the merge produced NaN/Inf values from finite inputs (set 'nonfinite' to "
                             "'keep' to write them, or 'zero' for the seed author's zeroing)", files)
     log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
     return chunk if policy == "keep" else torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _nonfinite_input(plan, kp: KeyPlan, readers, start, stop):
+    """The first input (pool order, then the base) with NaN/Inf in rows [start, stop), or None."""
+    for source in list(kp.pool) + ([kp.base] if kp.base is not None else []):
+        t = readers[source].read_rows(plan.sources[source].keys[kp.key], start, stop)
+        if t.is_floating_point() and not all_finite(t):
+            return source
+    return None
 
 
 def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
@@ -433,7 +523,8 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
         yield 0, rows, t
         return
     method = get_method(kp.method)
-    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method), pool)
+    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method), pool,
+                           check_inputs=not method.propagates_nonfinite)
     files = [plan.sources[i].name for i in kp.pool]
     start = 0
     try:

@@ -77,7 +77,7 @@ class Plan:
 
     @property
     def output_bytes(self) -> int:
-        return sum(math.prod(k.shape) * torch.empty((), dtype=k.dtype).element_size() for k in self.keys)
+        return sum(math.prod(k.shape) * k.dtype.itemsize for k in self.keys)
 
     def peak_bytes(self, budget_bytes: int) -> int:
         """Predicted peak private memory with this budget (chunked methods fill at most the budget)."""

@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 def auto_workers(device: str = "cpu") -> int:
     """The default: one worker, i.e. chunks computed inline. Measured on the 2-core CI machine
-    (bench/README.md): two chunk threads are no faster than one, because each op's Python-side
-    dispatch holds the GIL and the ops on cache-sized chunks are short; workers are opt-in
-    (`threads`) for machines where they pay off."""
+    (bench/README.md): two chunk threads are slower than one (8-model average, fp32: 17.7 s with
+    one, 34.8 s with two), because each op's Python-side dispatch holds the GIL, the ops on
+    cache-sized chunks are short, and the writer's hashing thread needs the second core; workers
+    are opt-in (`threads`) for machines where they pay off."""
     return 1
 
 

@@ -96,6 +96,10 @@ class Method:
     # Optional workspace(shape, n, params) -> bytes a key holds OUTSIDE its row chunks (whole-tensor
     # statistics: a full tensor for a top-k threshold, a ranking, an SVD), for plan.peak_bytes.
     workspace: Callable | None = None
+    # True when a NaN/Inf in any input that is read always makes the output NaN/Inf (linear methods):
+    # the engine then skips the input scan and checks only the output, finding the culprit input
+    # only when the output is not finite.
+    propagates_nonfinite: bool = False
 
     def param(self, name) -> Param:
         for p in self.params:
@@ -137,6 +141,9 @@ def get_method(name: str, where="method") -> Method:
     if name not in METHODS:
         raise RecipeError(where, f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
     return METHODS[name]
+
+
+EXACT_FP16_SUM = 8192   # fp16 values are multiples of 2^-24 below 2^16: up to 2^13 of them sum exactly in fp64
 
 
 class KeyInputs:
@@ -183,6 +190,29 @@ class KeyInputs:
         if minus_base:
             stack -= self.read_base_rows(start, stop)
         return stack
+
+    def sum_rows(self, start, stop, weights) -> torch.Tensor:
+        """Σ weights[i]·(pool model i) over rows [start, stop): a fresh compute-dtype tensor. Models
+        with weight 0 are not read. The terms are added in pool order, except where any order gives
+        the same bits: unit weights over at most EXACT_FP16_SUM fp16 models in fp64, whose sum is
+        exact, are summed by one reduction op."""
+        used = [i for i, w in enumerate(weights) if w != 0]
+        if not used:
+            return torch.zeros((stop - start,) + tuple(self.shape[1:]), dtype=self.dtype, device=self.device)
+        if self.exact_unit_sum(weights):
+            return self.read_stack(start, stop).sum(dim=0)
+        acc = self.read_rows(used[0], start, stop)
+        if weights[used[0]] != 1.0:
+            acc.mul_(weights[used[0]])
+        for i in used[1:]:
+            acc.add_(self.read_rows(i, start, stop), alpha=weights[i])
+        return acc
+
+    def exact_unit_sum(self, weights) -> bool:
+        """True when Σ pool models is exact in the compute dtype, so any summation order gives the
+        same bits: every weight 1, fp16 values (multiples of 2^-24 below 2^16), fp64, ≤ 8192 terms."""
+        return (self.dtype == torch.float64 and len(weights) == self.n <= EXACT_FP16_SUM
+                and all(w == 1.0 for w in weights) and all(d == torch.float16 for d in self.pool_dtypes()))
 
     def pool_dtypes(self) -> tuple:
         """The dtype each pool model's values have before the cast to the compute dtype (what the
@@ -235,7 +265,7 @@ class TensorInputs(KeyInputs):
     def chunks(self, resident):
         step = self.chunk_rows or self.rows
         if self.budget_bytes is not None:   # like the engine: `resident` chunks fit the budget
-            row_bytes = max(1, math.prod(self.shape[1:])) * torch.empty((), dtype=self.dtype).element_size()
+            row_bytes = max(1, math.prod(self.shape[1:])) * self.dtype.itemsize
             step = max(1, min(step, self.budget_bytes // max(1, resident * row_bytes)))
         return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)] or [(0, 0)]
 

@@ -15,9 +15,15 @@ Cost: a class of k exchangeable blocks of size s costs k² LAPs of size s plus o
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from .spec import Node
+
+
+def _solve(scores):
+    """The maximising assignment (rows, cols). scipy is imported here, not at module load: it adds
+    half a second to every start of the CLI and the tab, and only Re-Basin needs it."""
+    from scipy.optimize import linear_sum_assignment
+    return linear_sum_assignment(scores, maximize=True)
 
 
 def best_permutation(tree: Node, costs) -> tuple:
@@ -38,7 +44,7 @@ def _match(a: Node, b: Node, costs) -> tuple:
         maps, value = [], 0.0
         for c in costs:
             block = c[a.start:a.stop, b.start:b.stop]
-            rows, cols = linear_sum_assignment(block, maximize=True)
+            rows, cols = _solve(block)
             value += float(block[rows, cols].sum())
             maps.append(b.start + cols[np.argsort(rows)])
         return value, maps
@@ -61,7 +67,7 @@ def _match(a: Node, b: Node, costs) -> tuple:
             continue
         pairs = {(x, y): _match(a.children[i], b.children[j], costs) for x, i in enumerate(cls) for y, j in enumerate(cls)}
         values = np.array([[pairs[x, y][0] for y in range(len(cls))] for x in range(len(cls))])
-        rows, cols = linear_sum_assignment(values, maximize=True)
+        rows, cols = _solve(values)
         for x, y in zip(rows, cols):
             value += place(cls[x], pairs[x, y])
     return value, maps
@@ -72,7 +78,7 @@ def _match_units(a: Node, b: Node, cls, costs, maps) -> float:
     rows_ix = [a.children[i].start for i in cls]
     cols_ix = np.array([b.children[j].start for j in cls])
     values = [c[np.ix_(rows_ix, cols_ix)] for c in costs]
-    rows, cols = linear_sum_assignment(sum(values), maximize=True)
+    rows, cols = _solve(sum(values))
     for m in maps:
         for x, y in zip(rows, cols):
             m[rows_ix[x] - a.start] = cols_ix[y]
