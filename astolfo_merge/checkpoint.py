@@ -431,6 +431,7 @@ class SafetensorsWriter:
         self.total_bytes = 8 + len(blob) + offset
         self.tmp = partial_path(self.target)
         self._f = _open_locked(self.tmp, self.target)
+        self._finished = False
         self._out = _Emitter(self._f)
         self._index, self._left = 0, (self._sizes[0] if self._sizes else 0)
         self._out.put(memoryview(struct.pack("<Q", len(blob)) + blob))
@@ -487,6 +488,8 @@ class SafetensorsWriter:
         self._out.close()
         self._f.flush()
         os.fsync(self._f.fileno())
+        if fcntl is None:     # Windows renames and deletes no open file: close (and unlock) first
+            self._f.close()
         if self.overwrite:
             os.replace(self.tmp, self.target)
         else:
@@ -497,18 +500,23 @@ class SafetensorsWriter:
                 raise OutputExistsError(self.target) from None
             os.unlink(self.tmp)
         self._f.close()   # releases the lock only once the temp name is gone
+        self._finished = True
         _fsync_dir(os.path.dirname(self.target))
         self.sha256 = self._out.hash.hexdigest()
         return self.sha256
 
     def abort(self):
         self._out.close()
+        if self._finished:
+            return
+        self._finished = True
         try:
-            if not self._f.closed and os.path.exists(self.tmp):
+            if fcntl is None:     # Windows deletes no open file
+                self._f.close()
+            if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
         finally:
-            if not self._f.closed:
-                self._f.close()
+            self._f.close()
 
 
 def partial_path(target) -> str:

@@ -146,3 +146,31 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_payload_never_run
     with pytest.raises(CheckpointError, match="refused to load"):
         read_header(tmp_path / "evil.ckpt")
     assert not marker.exists()
+
+
+def test_the_windows_branch_closes_before_renaming_or_deleting(tmp_path, monkeypatch):
+    """Without fcntl (Windows) the temp file is locked through msvcrt and must be closed before it is
+    renamed or deleted; the results are the same as on POSIX: committed, refused, or aborted cleanly."""
+    from astolfo_merge import checkpoint
+    locked = []
+    monkeypatch.setattr(checkpoint, "fcntl", None)
+    monkeypatch.setattr(checkpoint, "_lock", lambda fd: locked.append(fd))
+    entries = [("w", torch.float32, (2, 3))]
+    value = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    with checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries) as writer:
+        writer.write("w", value)
+        writer.commit()
+    with CheckpointReader(tmp_path / "a.safetensors") as reader:
+        assert locked and torch.equal(reader.read("w"), value)
+    with pytest.raises(OutputExistsError):
+        checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries)
+    with checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries, overwrite=True) as writer:
+        writer.write("w", value * 2)
+        writer.commit()
+    with CheckpointReader(tmp_path / "a.safetensors") as reader:
+        assert torch.equal(reader.read("w"), value * 2)
+    with pytest.raises(RuntimeError):
+        with checkpoint.SafetensorsWriter(tmp_path / "b.safetensors", entries) as writer:
+            writer.write("w", value[:1])
+            raise RuntimeError("cancelled midway")
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
