@@ -26,6 +26,11 @@ ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")
 GUARD = 1e-12
 
 
+def _resident(n):
+    """Chunk-sized tensors alive at once: the deltas, their unit vectors, the pair products, base and total."""
+    return 3 * n + 3
+
+
 def stock_factor(cos: torch.Tensor, n: int, log) -> torch.Tensor:
     """t = N cos / (1 + (N − 1) cos), 0 where the denominator vanishes or t is not finite."""
     denom = 1 + (n - 1) * cos
@@ -38,18 +43,23 @@ def stock_factor(cos: torch.Tensor, n: int, log) -> torch.Tensor:
 
 
 def _consecutive_rows(inputs, eps, spans):
-    """sd-mecha's estimator for keys of ≥ 2 dims: each chunk holds whole last-axis vectors."""
+    """sd-mecha's estimator for keys of ≥ 2 dims: each chunk holds whole last-axis vectors. All N
+    deltas of a chunk are handled at once, with torch's own cosine_similarity steps (each vector over
+    its norm clamped at eps, then the dot product), so the values are those of N − 1 separate calls."""
     n = inputs.n
     for a, b in spans:
         base = inputs.read_base_rows(a, b)
-        total, cos_sum, previous = None, None, None
-        for i in range(n):
-            delta = inputs.read_rows(i, a, b).sub_(base)
-            total = delta.clone() if total is None else total.add_(delta)
-            if previous is not None:
-                cos = torch.nn.functional.cosine_similarity(previous, delta, dim=-1, eps=eps)
-                cos_sum = cos if cos_sum is None else cos_sum.add_(cos)
-            previous = delta
+        deltas = inputs.read_stack(a, b)
+        deltas -= base
+        total = deltas[0].clone()
+        for i in range(1, n):
+            total.add_(deltas[i])                                                # pool order
+        units = deltas / torch.linalg.vector_norm(deltas, dim=-1, keepdim=True).clamp_min_(eps)
+        cos = (units[:-1] * units[1:]).sum(dim=-1)                               # [n - 1, rows, ...]
+        del units
+        cos_sum = cos[0].clone()
+        for i in range(1, n - 1):
+            cos_sum.add_(cos[i])
         t = stock_factor(cos_sum / (n - 1), n, inputs.log).unsqueeze(-1)
         yield base.add_(t * (total / n))
 
@@ -107,7 +117,7 @@ def _whole_tensor(inputs, eps, estimator, spans):
 
 def _model_stock(inputs, params):
     eps, estimator = params["cos_eps"], params["estimator"]
-    spans = inputs.chunks(resident=inputs.n + 4)
+    spans = inputs.chunks(resident=_resident(inputs.n))
     if len(inputs.shape) >= 2 and estimator == "consecutive-last-axis":
         yield from _consecutive_rows(inputs, eps, spans)
     elif len(inputs.shape) >= 2 and estimator == "all-pairs-rowwise":
@@ -129,4 +139,4 @@ register(Method(
         Param("cos_eps", "float", 1e-6, 0.0, 1.0,
               help="floor of the norms in the cosine (sd-mecha CosineSimilarity eps; mergekit floors the norm product)"),
     ),
-    needs_base=True, min_models=2, streaming="two_pass", resident=lambda n: n + 4))
+    needs_base=True, min_models=2, streaming="two_pass", resident=lambda n: _resident(n)))
