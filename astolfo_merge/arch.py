@@ -226,7 +226,6 @@ def identify(shapes: dict, metadata: dict | None = None) -> Identity:
         hits = [k for k in normalized if pattern.search(k)]
         if hits and len(hits) * 4 >= len(normalized) or (hits and not any(k.startswith(UNET_PREFIX) for k in normalized)):
             return Identity(None, refusal=f"this is {why} (e.g. key '{hits[0]}')", renames=renames)
-    best = None
     scores = []
     for arch in ("sd1", "sd2", "sdxl"):
         for scale in _candidate_scales(normalized):

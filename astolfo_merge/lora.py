@@ -71,7 +71,7 @@ def validate_loras(value) -> list:
         blocks = {str(k).upper(): _number(v, f"{where}.blocks.{k}") for k, v in blocks.items()}
         for block in blocks:
             if block not in known_blocks:
-                raise RecipeError(f"{where}.blocks.{block}", f"unknown block (SD1: BASE, IN00-IN11, M00, OUT00-OUT11; "
+                raise RecipeError(f"{where}.blocks.{block}", "unknown block (SD1: BASE, IN00-IN11, M00, OUT00-OUT11; "
                                                              "SDXL: BASE, IN00-IN08, M00, OUT00-OUT08, VAE)")
         when = entry.get("when", "after")
         if when not in WHEN:

@@ -48,7 +48,6 @@ def mecha(method, out, inputs, base, memory_gb, params, precision):
 
 def naive(method, out, inputs, base, memory_gb, params, precision):
     """Load every model whole, average in fp32, save: what notebooks do."""
-    import torch
     from safetensors.torch import load_file, save_file
     sds = [load_file(p) for p in inputs]
     result = {}

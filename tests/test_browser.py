@@ -6,11 +6,9 @@ of tiny demo-style checkpoints. The app runs with the test-only per-key delay
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time

@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 
-from astolfo_merge import arch
 from astolfo_merge.checkpoint import OutputBusyError, SafetensorsWriter, partial_path, read_header, save_file
 from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import ArchitectureError, CheckpointError, MergeKeyError

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from astolfo_merge.methods import TensorInputs, apply, get_method
+from astolfo_merge.methods import TensorInputs, get_method
 
 FAST = settings(max_examples=12, deadline=None)
 

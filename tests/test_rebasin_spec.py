@@ -13,7 +13,6 @@ import functools
 
 import numpy as np
 import pytest
-import torch
 
 from astolfo_merge import arch as archmod
 from astolfo_merge.rebasin.assignment import best_permutation, score

@@ -22,14 +22,12 @@ git remotes of this checkout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time

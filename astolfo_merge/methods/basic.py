@@ -1,10 +1,9 @@
 """The elementwise classics: weighted sum, add difference, N-way average, amplify (ALGORITHMS.md §1–§4).
 
-All stream row chunks; each holds at most three chunk-sized buffers at once, whatever N is.
+All stream row chunks. The two-model methods hold at most three chunk-sized buffers at once; the
+average stages all N models' rows of one chunk, so its chunks shrink as N grows (memory stays flat).
 """
 from __future__ import annotations
-
-import torch
 
 from ..errors import RecipeError
 from .registry import Method, Param, register

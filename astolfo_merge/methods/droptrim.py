@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .isotropic import isotropic_rows, transforms
-from .median import GM_PARAMS, median_chunks, read_stack
+from .median import GM_PARAMS, median_chunks
 from .registry import Method, Param, register
 
 BLOCK = 1 << 20          # elements per RNG / ranking block (a multiple of 8 for the bit packing)
@@ -351,7 +351,7 @@ def filtered_deltas(inputs, a, b, cfg: Config, masks, thresholds):
     whole tensor and the thresholds are taken from it directly."""
     n = inputs.n
     base = inputs.read_base_rows(a, b)
-    stack = read_stack(inputs, a, b)
+    stack = inputs.read_stack(a, b)
     stack -= base
     if masks is not None:
         for t in range(n):

@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..errors import RecipeError
-from .median import accumulate_gram, combine, read_stack
+from .median import accumulate_gram, combine
 from .registry import Method, Param, register
 
 
@@ -117,18 +117,18 @@ def _karcher(inputs, params):
         return
     if len(inputs.chunks(resident=2 * n + 3)) == 1:    # the tensors and their unit vectors fit
         (a, b), = inputs.chunks(resident=2 * n + 3)
-        out, iters = karcher_direct(list(read_stack(inputs, a, b).unbind(0)), alphas, max_iter, tol)
+        out, iters = karcher_direct(list(inputs.read_stack(a, b).unbind(0)), alphas, max_iter, tol)
         inputs.log(f"karcher: direct form, {iters} iteration(s)")
         yield out
         return
     spans = inputs.chunks(resident=n + 3)
     gram = torch.zeros(n, n, dtype=torch.float64)
     for a, b in spans:
-        accumulate_gram(gram, read_stack(inputs, a, b), centre=False)
+        accumulate_gram(gram, inputs.read_stack(a, b), centre=False)
     coeffs, iters = karcher_coefficients(gram, alphas, max_iter, tol)
     inputs.log(f"karcher: gram form over {len(spans)} chunks, {iters} iteration(s)")
     for a, b in spans:
-        yield combine(coeffs, read_stack(inputs, a, b))
+        yield combine(coeffs, inputs.read_stack(a, b))
 
 
 register(Method(

@@ -116,17 +116,12 @@ def median_chunks(stacks: Callable[[], Iterable[torch.Tensor]], spans: list, eps
         yield combine(coeffs, stack)
 
 
-def read_stack(inputs, start: int, stop: int, minus_base: bool = False) -> torch.Tensor:
-    """The N pool tensors' rows [start, stop) stacked as [n, rows, ...] (KeyInputs.read_stack)."""
-    return inputs.read_stack(start, stop, minus_base)
-
-
 def _geometric_median(inputs, params):
     spans = inputs.chunks(resident=inputs.n + 3)
 
     def stacks():
         for a, b in spans:
-            yield read_stack(inputs, a, b)
+            yield inputs.read_stack(a, b)
     yield from median_chunks(stacks, spans, params["eps"], params["maxiter"], params["ftol"], inputs.log)
 
 

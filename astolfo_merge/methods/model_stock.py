@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .median import accumulate_gram, read_stack
+from .median import accumulate_gram
 from .registry import Method, Param, register
 
 ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")
@@ -70,7 +70,7 @@ def _rowwise_pairs(inputs, eps, spans):
     pairs = torch.triu_indices(n, n, offset=1)
     for a, b in spans:
         base = inputs.read_base_rows(a, b)
-        stack = read_stack(inputs, a, b)
+        stack = inputs.read_stack(a, b)
         stack -= base
         rows = stack.reshape(n, b - a, -1).transpose(0, 1)          # [rows, n, L]
         block = max(1, rows.shape[2] * 4 // (n * n))                 # per-row Gram blocks stay ≤ ~¼ chunk
@@ -100,7 +100,7 @@ def _whole_tensor(inputs, eps, estimator, spans):
         return
     gram = torch.zeros(n, n, dtype=torch.float64)
     for a, b in spans:
-        accumulate_gram(gram, read_stack(inputs, a, b, minus_base=True), centre=False)
+        accumulate_gram(gram, inputs.read_stack(a, b, minus_base=True), centre=False)
     norms = gram.diagonal().sqrt()
     if estimator == "consecutive-last-axis":
         idx = torch.arange(n - 1)
@@ -111,7 +111,7 @@ def _whole_tensor(inputs, eps, estimator, spans):
     t = float(stock_factor(cos, n, inputs.log))
     for a, b in spans:
         base = inputs.read_base_rows(a, b)
-        total = read_stack(inputs, a, b, minus_base=True).sum(dim=0)
+        total = inputs.read_stack(a, b, minus_base=True).sum(dim=0)
         yield base.add_(total, alpha=t / n)
 
 
