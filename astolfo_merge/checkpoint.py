@@ -250,9 +250,8 @@ class CheckpointReader:
         info = self.info(key)
         if self._fd is None or not info.shape or info.nbytes == 0:
             return None
-        itemsize = info.nbytes // info.numel
         begin, end = (self.header.data_start + at for at in self._row_bytes(info, start, stop))
-        if begin % itemsize:
+        if begin % info.dtype.itemsize:
             return None
         flat = self._mapped()[begin:end]
         return flat.view(info.dtype).reshape((stop - start,) + tuple(info.shape[1:]))

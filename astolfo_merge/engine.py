@@ -25,6 +25,7 @@ from . import __version__
 from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
 from .errors import Cancelled, MergeKeyError, RecipeError
 from .methods import KeyInputs, get_method
+from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
 from .workers import ChunkWorkers, auto_workers
 
@@ -280,13 +281,9 @@ class FileKeyInputs(KeyInputs):
         shape = (stop - start,) + tuple(self.shape[1:])
         if self.exact_unit_sum(weights):
             return torch.sum(self._stage(views, used, torch.float32)[0], dim=0, dtype=torch.float64).reshape(shape)
-        rows = self._stage(views, used, self.dtype)[1]
-        acc = rows[0].clone()
-        if weights[used[0]] != 1.0:
-            acc.mul_(weights[used[0]])
-        for row, i in zip(rows[1:], used[1:]):
-            acc.add_(row, alpha=weights[i])
-        return acc.reshape(shape)
+        rows = self._stage(views, used, self.dtype)[1]     # this thread's buffer: the sum starts from a copy
+        return add_in_order(rows[0].clone(), zip(rows[1:], (weights[i] for i in used[1:])),
+                            weights[used[0]]).reshape(shape)
 
     def chunks(self, resident: int):
         rows = self.rows

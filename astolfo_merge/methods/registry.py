@@ -143,6 +143,16 @@ def get_method(name: str, where="method") -> Method:
     return METHODS[name]
 
 
+def add_in_order(acc: torch.Tensor, terms, first_weight: float = 1.0) -> torch.Tensor:
+    """first_weight·acc + Σ weight·term over (term, weight) pairs, added in the order given, in place
+    in `acc` (a tensor the caller owns). The one definition of sum_rows' rounding, whatever the reads."""
+    if first_weight != 1.0:
+        acc.mul_(first_weight)
+    for term, weight in terms:
+        acc.add_(term, alpha=weight)
+    return acc
+
+
 EXACT_FP16_SUM = 8192   # fp16 values are multiples of 2^-24 below 2^16: up to 2^13 of them sum exactly in fp64
 
 
@@ -201,12 +211,8 @@ class KeyInputs:
             return torch.zeros((stop - start,) + tuple(self.shape[1:]), dtype=self.dtype, device=self.device)
         if self.exact_unit_sum(weights):
             return self.read_stack(start, stop).sum(dim=0)
-        acc = self.read_rows(used[0], start, stop)
-        if weights[used[0]] != 1.0:
-            acc.mul_(weights[used[0]])
-        for i in used[1:]:
-            acc.add_(self.read_rows(i, start, stop), alpha=weights[i])
-        return acc
+        return add_in_order(self.read_rows(used[0], start, stop),
+                            ((self.read_rows(i, start, stop), weights[i]) for i in used[1:]), weights[used[0]])
 
     def exact_unit_sum(self, weights) -> bool:
         """True when Σ pool models is exact in the compute dtype, so any summation order gives the
