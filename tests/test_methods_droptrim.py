@@ -207,3 +207,29 @@ def test_engine_passes_the_recipe_seed_to_sd_mecha_compatible_masks(models):
     sds = [load(models / f"sd1-{n}.safetensors")[key] for n in ("base", "a", "b", "c")]
     ref = apply("tsd", sds[1:], sds[0], {"rng": "torch"}, recipe_seed=114514, seed=1)
     assert torch.equal(out, ref.float())
+
+
+# --- exact selection (bench/bench_kernels.py: the trim threshold without a full partition) ------
+
+@pytest.mark.parametrize("case", ["normal", "ties", "nan", "inf", "zeros", "sorted"])
+@pytest.mark.parametrize("q", [0.0, 1e-6, 0.2, 0.8, 0.999999, 1.0])
+def test_kth_value_is_np_partitions_value(case, q):
+    import numpy as np
+    from astolfo_merge.methods.droptrim import SELECT_DIRECT, kth_value
+    rng = np.random.default_rng(1)
+    n = SELECT_DIRECT * 3 + 17
+    v = np.abs(rng.standard_normal(n))
+    if case == "ties":
+        v = np.round(v * 8) / 8
+    elif case == "nan":
+        v[rng.integers(0, n, n // 3)] = np.nan
+    elif case == "inf":
+        v[rng.integers(0, n, 1000)] = np.inf
+    elif case == "zeros":
+        v[: n * 9 // 10] = 0.0
+    elif case == "sorted":
+        v.sort()
+    j = min(n, max(1, int(q * n)))
+    expect = np.partition(v.copy(), j - 1)[j - 1]
+    got = kth_value(v.copy(), j)
+    assert (got == expect) or (np.isnan(got) and np.isnan(expect))

@@ -300,10 +300,53 @@ def make_masks(inputs, cfg: Config, geometry):
 
 # --- trim thresholds --------------------------------------------------------------------------
 
+SELECT_DIRECT = 1 << 17   # up to this many values, the whole array is partitioned
+SELECT_SAMPLE = 1 << 15   # sample size of the bracketing selection beyond it
+SELECT_BLOCK = 1 << 16    # values per block of its counting pass (the temporaries stay in cache)
+
+
+def kth_value(values: np.ndarray, j: int) -> float:
+    """The j-th smallest (1-based) of a 1-D array, exact; `values` is scratch (it may be reordered).
+
+    np.partition of the whole array costs ~10 ns per value; instead the j-th smallest is bracketed
+    by two order statistics of a seeded random sample (about 6 standard deviations of the sample
+    rank on either side), one blockwise pass counts the values below the bracket and gathers those
+    inside it (a few per cent), and a partition of that small set selects. The value is exact
+    whatever the sample: should the bracket miss it (an unlucky sample; NaN, which sorts last), the
+    whole array is partitioned as before."""
+    n = len(values)
+    if n <= SELECT_DIRECT:
+        values.partition(j - 1)
+        return float(values[j - 1])
+    s = SELECT_SAMPLE
+    sample = np.sort(values[np.random.default_rng(n).integers(0, n, s)])
+    q = (j - 0.5) / n
+    margin = 6.0 * math.sqrt(s * q * (1.0 - q)) + 16.0
+    lo_i, hi_i = int(q * s - margin), int(q * s + margin)
+    lo = sample[lo_i] if lo_i > 0 else -np.inf
+    hi = sample[hi_i] if hi_i < s - 1 else np.inf
+    below, inside = 0, []
+    under, upto = np.empty(SELECT_BLOCK, dtype=bool), np.empty(SELECT_BLOCK, dtype=bool)
+    for start in range(0, n, SELECT_BLOCK):
+        block = values[start:start + SELECT_BLOCK]
+        lt, le = under[:len(block)], upto[:len(block)]
+        np.less(block, lo, out=lt)
+        below += int(np.count_nonzero(lt))
+        np.less_equal(block, hi, out=le)
+        np.logical_xor(lt, le, out=le)       # lo <= v <= hi (NaN is in neither)
+        inside.append(block[le])
+    inside = np.concatenate(inside)
+    if below < j <= below + len(inside):
+        inside.partition(j - 1 - below)
+        return float(inside[j - 1 - below])
+    values.partition(j - 1)
+    return float(values[j - 1])
+
+
 def kth_smallest(rows: torch.Tensor, j: int) -> torch.Tensor:
     """The j-th smallest (1-based) of each row of a 2-D tensor: an O(n) selection, exact."""
     if rows.device.type == "cpu":
-        return torch.from_numpy(np.partition(rows.numpy(), j - 1, axis=1)[:, j - 1].copy())
+        return torch.tensor([kth_value(row.copy(), j) for row in rows.numpy()], dtype=rows.dtype)
     return torch.kthvalue(rows, j, dim=1).values
 
 
@@ -313,23 +356,28 @@ def trim_rank(cfg: Config, numel: int) -> int:
 
 
 def trim_thresholds(inputs, cfg: Config, masks, geometry) -> list:
-    """Per model, the j-th smallest |τ̂| over the whole (dropped) tensor: one full tensor at a time."""
+    """Per model, the j-th smallest |τ̂| over the whole (dropped) tensor: one full tensor at a time,
+    each chunk's |τ̂| computed in place in its slice of that tensor."""
     numel, row_elems = geometry
     j = trim_rank(cfg, numel)
     spans = inputs.chunks(resident=4)
     buf = torch.empty(numel, dtype=inputs.dtype)
+    in_place = inputs.device.type == "cpu"
     if masks is not None:
         masks.begin_pass()
     out = []
     for t in range(inputs.n):
         for a, b in spans:
-            d = inputs.read_rows(t, a, b).sub_(inputs.read_base_rows(a, b))
+            part = buf[a * row_elems:b * row_elems]
+            d = inputs.read_rows(t, a, b, out=part) if in_place else inputs.read_rows(t, a, b)
+            d.sub_(inputs.read_base_rows(a, b))
             if masks is not None:
                 d.mul_(masks.chunk(t, a, b, d.shape).to(d.device))
-            buf[a * row_elems:b * row_elems] = d.abs().reshape(-1).cpu()
-        flat = buf.numpy()
-        flat.partition(j - 1)
-        out.append(float(flat[j - 1]))
+            if in_place:
+                part.abs_()
+            else:
+                part.copy_(d.abs().reshape(-1))
+        out.append(kth_value(buf.numpy(), j))
     return out
 
 
@@ -348,32 +396,35 @@ def ordered_sum(stack: torch.Tensor) -> torch.Tensor:
 def filtered_deltas(inputs, a, b, cfg: Config, masks, thresholds):
     """(base rows, F [N, rows, ...], agree count): the deltas that survived drop and trim, zeroed where
     their sign differs from the elected one. `thresholds` None with k < 1 means this chunk is the
-    whole tensor and the thresholds are taken from it directly."""
+    whole tensor and the thresholds are taken from it directly.
+
+    Every step works on the stack viewed as [N, elements] (a conv's [N, rows, in, 3, 3] would make
+    each elementwise op and reduction loop over an innermost axis of 3) with the same elementwise
+    operations in the same order as the shaped form, so the values are the same bits."""
     n = inputs.n
     base = inputs.read_base_rows(a, b)
     stack = inputs.read_stack(a, b)
-    stack -= base
+    flat = stack.view(n, -1)
+    flat -= base.reshape(1, -1)
     if masks is not None:
         for t in range(n):
-            stack[t].mul_(masks.chunk(t, a, b, stack[t].shape).to(stack.device))
+            flat[t].mul_(masks.chunk(t, a, b, stack[t].shape).reshape(-1).to(stack.device))
+    scratch = torch.abs(flat) if cfg.k < 1.0 else torch.empty_like(flat)
     if cfg.k < 1.0:
-        magnitude = stack.abs()
         if thresholds is None:
-            thr = kth_smallest(magnitude.reshape(n, -1), trim_rank(cfg, magnitude[0].numel()))
+            thr = kth_smallest(scratch, trim_rank(cfg, scratch.shape[1]))
         else:
             thr = torch.tensor(thresholds, dtype=stack.dtype)
-        stack.mul_(magnitude >= thr.to(stack.device).reshape((n,) + (1,) * (stack.dim() - 1)))
-        del magnitude
-    signs = torch.sign(stack)
-    elected = torch.sign(ordered_sum(stack) if cfg.sign == "sum" else signs.sum(dim=0))
-    agree = signs == elected
-    del signs
-    stack.mul_(agree)
-    return base, stack, agree.sum(dim=0, dtype=stack.dtype)
+        flat.mul_(scratch.ge_(thr.to(stack.device).reshape(n, 1)))      # × 1.0 / 0.0: as × the bool mask
+    agree = torch.sign(flat, out=scratch)
+    elected = torch.sign(ordered_sum(flat) if cfg.sign == "sum" else agree.sum(dim=0))
+    agree.eq_(elected)                       # 1.0 where sign(τ̂) = γ, else 0.0: the bool mask, in the values' dtype
+    flat.mul_(agree)
+    return base, stack, agree.sum(dim=0)     # counts ≤ N: exact in any order
 
 
 def merged_deltas(inputs, cfg: Config, spans, masks, thresholds):
-    """(start, stop, τ_m rows) for each span: the disjoint mean or the geometric median."""
+    """(start, stop, τ_m rows, base rows or None) for each span: the disjoint mean or the geometric median."""
     def passes():
         if masks is not None:
             masks.begin_pass()
@@ -381,14 +432,14 @@ def merged_deltas(inputs, cfg: Config, spans, masks, thresholds):
             yield filtered_deltas(inputs, a, b, cfg, masks, thresholds)
 
     if cfg.combine == "mean":
-        for (a, b), (_, stack, count) in zip(spans, passes()):
-            total = ordered_sum(stack)
-            yield a, b, torch.where(count > 0, total / count, torch.zeros_like(total))
+        for (a, b), (base, stack, count) in zip(spans, passes()):
+            total = ordered_sum(stack.view(stack.shape[0], -1))
+            yield a, b, torch.where(count > 0, total.div_(count), 0.0), base
         return
     medians = median_chunks(lambda: (stack for _, stack, _ in passes()), spans, cfg.gm_eps, cfg.maxiter,
                             cfg.ftol, inputs.log)
     for (a, b), delta in zip(spans, medians):
-        yield a, b, delta
+        yield a, b, delta, None
 
 
 def _run(inputs, params):
@@ -402,13 +453,14 @@ def _run(inputs, params):
     parts = merged_deltas(inputs, cfg, spans, masks, thresholds)
     if cfg.spectrum == "iso_z" and transforms(inputs.shape, cfg.high_dim):
         matrix = torch.empty((inputs.rows, numel // inputs.rows), dtype=inputs.dtype, device=inputs.device)
-        for a, b, delta in parts:
+        for a, b, delta, _ in parts:
             matrix[a:b] = delta.reshape(b - a, -1)
         rows = isotropic_rows(matrix, cfg.z, cfg.geometric_mean, cfg.clamp, getattr(inputs, "budget_bytes", None),
                               inputs.log)
-        parts = ((a, b, rows(a, b)) for a, b in spans)
-    for a, b, delta in parts:
-        base = inputs.read_base_rows(a, b)
+        parts = ((a, b, rows(a, b), None) for a, b in spans)
+    for a, b, delta, base in parts:
+        if base is None:
+            base = inputs.read_base_rows(a, b)
         if cfg.divisor != 1.0:
             delta = delta / cfg.divisor
         yield base.add_(delta.reshape(base.shape), alpha=cfg.lam)
