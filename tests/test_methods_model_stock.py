@@ -80,3 +80,22 @@ def test_rowwise_estimators_never_split_a_row():
     for estimator in ("consecutive-last-axis", "all-pairs-rowwise"):
         whole = apply("model_stock", models, base, {"estimator": estimator})
         assert torch.equal(apply("model_stock", models, base, {"estimator": estimator}, chunk_rows=1), whole)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_short_last_axis_dots_are_torchs_sum_bit_for_bit(length, dtype):
+    from astolfo_merge.methods.model_stock import _last_axis_dots
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(7, 300, 5, length, generator=g, dtype=torch.float64)
+    x *= torch.exp(3 * torch.randn(7, 300, 5, 1, generator=g, dtype=torch.float64))
+    x = x.to(dtype)
+    x.view(-1)[::7] = 0.0
+    x.view(-1)[::11] = -0.0
+    x[:, ::13] = -0.0
+    x[:, 5::17] = 0.0
+    x[::2, 3::19] *= -1
+    ref = (x[:-1] * x[1:]).sum(dim=-1)
+    got = _last_axis_dots(x[:-1], x[1:])
+    assert torch.equal(ref.view(torch.int64 if dtype == torch.float64 else torch.int32),
+                       got.view(torch.int64 if dtype == torch.float64 else torch.int32))
