@@ -54,7 +54,7 @@ def _consecutive_rows(inputs, eps, spans):
         total = deltas[0].clone()
         for i in range(1, n):
             total.add_(deltas[i])                                                # pool order
-        units = deltas / torch.linalg.vector_norm(deltas, dim=-1, keepdim=True).clamp_min_(eps)
+        units = _over_last_axis(deltas, torch.linalg.vector_norm(deltas, dim=-1, keepdim=True).clamp_min_(eps))
         cos = _last_axis_dots(units[:-1], units[1:])                             # [n - 1, rows, ...]
         del units
         cos_sum = cos[0].clone()
@@ -78,6 +78,17 @@ def _last_axis_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(x.shape[:-1], dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
     for k in range(length):
         out += x[..., k] * y[..., k]
+    return out
+
+
+def _over_last_axis(x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """x / norms (norms: x's shape with a last axis of 1), the same quotients; for a short last axis
+    one division per strided slice instead of a broadcast over an innermost axis of 3."""
+    if x.shape[-1] > SHORT_AXIS:
+        return x / norms
+    out = torch.empty_like(x)
+    for k in range(x.shape[-1]):
+        torch.div(x[..., k], norms[..., 0], out=out[..., k])
     return out
 
 
