@@ -117,6 +117,16 @@ def all_digests(folder) -> dict:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as the engine runs methods (a multi-threaded fp32 SVD, in Iso-Z, is not
+    reproducible bit for bit from run to run on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_outputs_are_the_recorded_bytes(name, dtype):
@@ -140,6 +150,7 @@ def test_engine_merges_are_the_recorded_bytes(golden_dir, name, budget):
 
 if __name__ == "__main__":
     import tempfile
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         digests = all_digests(folder)
     if "--record" in sys.argv:
