@@ -192,7 +192,7 @@ def test_della_with_negative_eps_drops_the_largest_deltas_more_often():
 def test_trim_threshold_pass_is_declared_as_workspace_for_the_plan():
     ties, soup = get_method("ties"), get_method("ties_soup")
     shape = (1000, 100)
-    assert ties.workspace(shape, 4, ties.resolve_params({})) == 8 * 100_000
+    assert ties.workspace(shape, 4, ties.resolve_params({})) == 8 * 100_000 + 50_000   # + the k-th value's gathered values
     assert soup.workspace(shape, 4, soup.resolve_params({})) == 0
     assert get_method("dgmla").workspace(shape, 4, get_method("dgmla").resolve_params({})) >= 24 * 100_000
 
@@ -211,7 +211,7 @@ def test_engine_passes_the_recipe_seed_to_sd_mecha_compatible_masks(models):
 
 # --- exact selection (bench/bench_kernels.py: the trim threshold without a full partition) ------
 
-@pytest.mark.parametrize("case", ["normal", "ties", "nan", "inf", "zeros", "sorted"])
+@pytest.mark.parametrize("case", ["normal", "ties", "nan", "inf", "zeros", "sorted", "few_values", "half_zeros"])
 @pytest.mark.parametrize("q", [0.0, 1e-6, 0.2, 0.8, 0.999999, 1.0])
 def test_kth_value_is_np_partitions_value(case, q):
     import numpy as np
@@ -229,6 +229,10 @@ def test_kth_value_is_np_partitions_value(case, q):
         v[: n * 9 // 10] = 0.0
     elif case == "sorted":
         v.sort()
+    elif case == "few_values":
+        v = np.round(v * 2) / 2
+    elif case == "half_zeros":
+        v[rng.permutation(n)[: n // 2]] = 0.0
     j = min(n, max(1, int(q * n)))
     expect = np.partition(v.copy(), j - 1)[j - 1]
     got = kth_value(v.copy(), j)

@@ -313,7 +313,8 @@ def kth_value(values: np.ndarray, j: int) -> float:
     rank on either side), one blockwise pass counts the values below the bracket and gathers those
     inside it (a few per cent), and a partition of that small set selects. The value is exact
     whatever the sample: should the bracket miss it (an unlucky sample; NaN, which sorts last), the
-    whole array is partitioned as before."""
+    whole array is partitioned as before (also when more than 1/16 of the values fall inside the
+    bracket, e.g. a tensor of mostly tied zeros: the gathered values stay small)."""
     n = len(values)
     if n <= SELECT_DIRECT:
         values.partition(j - 1)
@@ -325,7 +326,7 @@ def kth_value(values: np.ndarray, j: int) -> float:
     lo_i, hi_i = int(q * s - margin), int(q * s + margin)
     lo = sample[lo_i] if lo_i > 0 else -np.inf
     hi = sample[hi_i] if hi_i < s - 1 else np.inf
-    below, inside = 0, []
+    below, inside, gathered, cap = 0, [], 0, n // 16     # the gathered values stay within numel/2 bytes
     under, upto = np.empty(SELECT_BLOCK, dtype=bool), np.empty(SELECT_BLOCK, dtype=bool)
     for start in range(0, n, SELECT_BLOCK):
         block = values[start:start + SELECT_BLOCK]
@@ -334,9 +335,20 @@ def kth_value(values: np.ndarray, j: int) -> float:
         below += int(np.count_nonzero(lt))
         np.less_equal(block, hi, out=le)
         np.logical_xor(lt, le, out=le)       # lo <= v <= hi (NaN is in neither)
+        if lo == hi:                         # one value, tied many times (zeros): count, don't gather
+            gathered += int(np.count_nonzero(le))
+            continue
         inside.append(block[le])
+        gathered += len(inside[-1])
+        if gathered > cap:                   # many ties inside the bracket: select in the whole array
+            break
+    if lo == hi:
+        if below < j <= below + gathered:
+            return float(lo)
+        values.partition(j - 1)
+        return float(values[j - 1])
     inside = np.concatenate(inside)
-    if below < j <= below + len(inside):
+    if gathered <= cap and below < j <= below + len(inside):
         inside.partition(j - 1 - below)
         return float(inside[j - 1 - below])
     values.partition(j - 1)
@@ -469,7 +481,7 @@ def _run(inputs, params):
 def workspace(shape, n, params) -> int:
     """Bytes held outside the row chunks: a full tensor for the trim thresholds, the DELLA ranking."""
     numel = math.prod(shape) if shape else 1
-    need = 8 * numel if params.get("k", 1.0) < 1.0 else 0
+    need = 8 * numel + numel // 2 if params.get("k", 1.0) < 1.0 else 0   # + kth_value's gathered values
     if params.get("eps", 0.0) != 0.0:
         need = max(need, 28 * numel)     # |τ| (8) + argsort indices (8) + its merge buffer (~4) + ranks (4..8)
     if params.get("spectrum") == "iso_z" and len(shape) >= 2:
