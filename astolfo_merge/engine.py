@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter, ensure_open_files, legacy_model_hash
 from .errors import Cancelled, MergeKeyError, RecipeError, check_memory_gb
+from .strict_json import loads as strict_loads
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
@@ -340,8 +341,8 @@ def _json_field(value) -> dict:
     if isinstance(value, dict):
         return value
     try:
-        parsed = json.loads(value) if isinstance(value, str) else {}
-    except ValueError:
+        parsed = strict_loads(value) if isinstance(value, str) else {}
+    except ValueError:   # JSONInputError too: hostile lineage (deep, huge) is dropped, not a crash
         return {}
     return parsed if isinstance(parsed, dict) else {}
 

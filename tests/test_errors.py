@@ -186,6 +186,19 @@ def test_inspect_reports_an_unreadable_embedded_recipe_and_keeps_the_rest(models
                    "the recipe in", "m.safetensors", needle)
 
 
+def test_hostile_lineage_in_an_input_is_dropped_not_a_crash(models, tmp_path):
+    """The WebUI's lineage fields of an input are JSON text we did not write: too deep or too long, they
+    are left out of the output's lineage; the merge goes on."""
+    from conftest import load
+    save_file(load(models / "sd1-b.safetensors"), models / "odd.safetensors",
+              metadata={"sd_merge_models": "[" * 100_000 + "]" * 100_000, "sd_merge_recipe": '{"a": ' + "9" * 5000 + "}"})
+    plan = build_plan(parse_recipe({"pool": ["sd1-a.safetensors", "odd.safetensors"], "method": "n_average",
+                                    "output": "o.safetensors"}), str(models))
+    result = run_merge(plan, RunOptions(hash_cache=HashCache(str(tmp_path / "h.json"))))
+    lineage = json.loads(read_header(result.path).metadata["sd_merge_models"])
+    assert {v["name"] for v in lineage.values()} == {"sd1-a.safetensors", "odd.safetensors"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Recipes: not UTF-8, too deep, huge numbers, fields twice
 
