@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from . import arch as archmod
-from .checkpoint import CheckpointReader
-from .errors import ArchitectureError, MemoryBudgetError, RecipeError
+from .checkpoint import CheckpointReader, ensure_open_files
+from .errors import ArchitectureError, MemoryBudgetError, OptionError, RecipeError, check_memory_gb
 from .plan import GIB, load_source
 
 COMPONENT_LABELS = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
@@ -138,6 +138,7 @@ def _read_flat(reader, source, key, a, b, rows_total):
 
 def analyze(paths, base=None, memory_gb: float = 1.0, progress=None) -> Analysis:
     """Per-component L2 distances and delta cosines of `paths` against `base` (or the pool mean)."""
+    memory_gb = check_memory_gb(memory_gb)
     if not paths:
         raise RecipeError("files", "give at least one model to analyze")
     if len(paths) < 2 and not base:
@@ -145,6 +146,7 @@ def analyze(paths, base=None, memory_gb: float = 1.0, progress=None) -> Analysis
     sources, base_source = _load_all(paths, base)
     ident = sources[0].identity
     inputs = sources + ([base_source] if base_source else [])
+    ensure_open_files(len(inputs), "this analysis")
     readers = [CheckpointReader(s.path, s.header) for s in inputs]
     n = len(sources)
     budget = int(memory_gb * GIB)
@@ -199,12 +201,36 @@ def _short_label(name: str, limit: int = 28) -> str:
     return name[:head] + "…" + name[len(name) - (limit - 1 - head):]
 
 
-def plot(analysis: Analysis, path) -> str:
-    """Render the analysis as a PNG readable with 50+ models (sizes and fonts scale with N).
+PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp")
+
+
+def check_plot_path(path, overwrite: bool = False) -> str:
+    """Refuse, before any work, a plot file that cannot be written: an extension matplotlib would not
+    write as an image, a missing folder, or an existing file (unless `overwrite`). Returns the format."""
+    path = os.fspath(path)
+    fmt = os.path.splitext(path)[1].lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        shown = f"'.{fmt}'" if fmt else "no extension"
+        raise OptionError(path, f"a plot cannot be written with {shown}; use one of "
+                                + ", ".join("." + f for f in PLOT_FORMATS))
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise OptionError(path, f"folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise OptionError(path, "is a folder; give a file name for the plot")
+    if os.path.lexists(path) and not overwrite:
+        raise OptionError(path, "exists; pass --overwrite to replace it")
+    return fmt
+
+
+def plot(analysis: Analysis, path, overwrite: bool = False) -> str:
+    """Render the analysis as an image (PNG, SVG, PDF, …: `PLOT_FORMATS`) readable with 50+ models
+    (sizes and fonts scale with N). An existing file is replaced only with `overwrite`.
 
     Axes are placed in inches (no tight_layout pass): a model gets a fixed slot on every axis,
     rotated names get the room their length needs, so 60 models still read at 6-pt type.
     """
+    fmt = check_plot_path(path, overwrite)
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
@@ -229,8 +255,23 @@ def plot(analysis: Analysis, path) -> str:
         _heatmap(fig, heat_ax, color_ax, d, labels, font, comp)
     fig.suptitle(f"{len(labels)} {archmod.ARCH_TITLES[analysis.arch]} models — distance to the {analysis.reference}",
                  fontsize=font + 4, y=1 - 0.3 / height)
-    fig.savefig(path, dpi=100, pil_kwargs={"compress_level": 3})   # big canvases: zlib level 6 dominates the time
+    extra = {"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}   # big canvases: zlib level 6 dominates the time
+    try:
+        with open(path, "wb" if overwrite else "xb") as f:   # "xb": a file that appeared meanwhile is not replaced
+            fig.savefig(f, format=fmt, dpi=100, **extra)
+    except FileExistsError:
+        raise OptionError(os.fspath(path), "exists; pass --overwrite to replace it") from None
+    except BaseException:
+        _remove_quietly(path)
+        raise
     return os.fspath(path)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _bars(ax, d: ComponentDistances, labels, font, reference, comp):

@@ -42,7 +42,7 @@ class AnalysisPanel:
             paths = self.paths_of(list(names or []), "models")
             base_paths = [] if base in (None, "", NONE) else self.paths_of([base], "base")
             result = analyze(paths, base=base_paths[0] if base_paths else None,
-                             memory_gb=float(memory_gb or 1.0), progress=progress)
+                             memory_gb=memory_gb or 1.0, progress=progress)
             png = plot(result, os.path.join(self.plot_dir, f"analysis-{time.time_ns()}.png"))
         except AstolfoError as exc:
             return error_text(exc), None, {}, ""

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls from gradio
 
 from .checkpoint import is_checkpoint_name  # noqa: E402
-from .cli import DEFAULT_MODELS_DIR, register_command  # noqa: E402
+from .cli import DEFAULT_MODELS_DIR, memory_gb_arg, register_command  # noqa: E402
 from .host import HostSettings, StandaloneHost, scan_checkpoints  # noqa: E402
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -81,5 +81,5 @@ def add_app_command(sub):
     p.add_argument("--demo", action="store_true", help="write the demo checkpoints into the models folder first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--memory-gb", type=float, default=1.5)
+    p.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     p.set_defaults(func=cmd_app)

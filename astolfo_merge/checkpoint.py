@@ -12,9 +12,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import math
 import mmap
 import os
+import pickle
+import re
+import stat
 import struct
 import threading
 import warnings
@@ -25,18 +29,25 @@ import numpy as np
 import torch
 
 from .errors import AstolfoError, CheckpointError, OutputExistsError
+from .strict_json import JSONInputError, loads as strict_loads
 
 try:
     import fcntl
 except ImportError:       # Windows: the temp file is locked with msvcrt instead
     fcntl = None
     import msvcrt
+try:
+    import resource
+except ImportError:       # Windows: no RLIMIT_NOFILE (the C runtime's own limit is far above a pool)
+    resource = None
 
 O_BINARY = getattr(os, "O_BINARY", 0)   # Windows opens fds in text mode otherwise
 
 PARTIAL_SUFFIX = ".partial"
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
+MAX_HEADER_DEPTH = 32     # a header needs 3 levels (object, entry, shape); metadata values are strings
+MAX_HEADER_DIGITS = 20    # offsets and dims are u64 in the format: at most 20 digits
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 DTYPES = {  # safetensors name -> (torch dtype, itemsize)
@@ -90,20 +101,35 @@ def is_checkpoint_name(name: str) -> bool:
     return name.lower().endswith(SUFFIXES)
 
 
-def _check_path(path) -> str:
+def check_file(path) -> str:
+    """`path` as a str if it names a non-empty regular file; else CheckpointError saying what it is."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(path, "no such file")
-    if os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except (OSError, ValueError) as exc:   # permissions, a loop of links, a name the OS refuses
+        raise CheckpointError(path, f"cannot be opened ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise CheckpointError(path, "is a directory, not a checkpoint file")
-    if os.path.getsize(path) == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, f"is not a regular file (a {_file_kind(st.st_mode)}), so not a checkpoint")
+    if st.st_size == 0:
         raise CheckpointError(path, "is empty (0 bytes)")
     return path
 
 
+def _file_kind(mode) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
 def read_header(path) -> Header:
     """Header only: names, dtypes, shapes, offsets and metadata. Cheap for any file size."""
-    path = _check_path(path)
+    path = check_file(path)
     if not path.lower().endswith(".safetensors"):
         return _legacy_header(path)
     size = os.path.getsize(path)
@@ -118,27 +144,35 @@ def read_header(path) -> Header:
             raise CheckpointError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
         raw = f.read(n)
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"header is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+        doc = strict_loads(raw, max_depth=MAX_HEADER_DEPTH, max_digits=MAX_HEADER_DIGITS, what="name")
+    except JSONInputError as exc:
+        raise CheckpointError(path, f"safetensors header {exc}") from None
     if not isinstance(doc, dict):
         raise CheckpointError(path, "header JSON is not an object")
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise CheckpointError(path, "__metadata__ is not an object")
     data_start, data_len = 8 + n, size - 8 - n
-    tensors, spans = {}, []
-    for key, entry in doc.items():
-        tensors[key] = _parse_entry(path, key, entry, data_len)
-        spans.append((tensors[key].begin, tensors[key].end, key))
-    spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(path, f"tensors '{k0}' and '{k1}' overlap in the data section")
-    hdr = Header(path, tensors, metadata, data_start, size)
-    if spans and spans[-1][1] < data_len:
-        hdr.warnings.append(f"{data_len - spans[-1][1]} trailing bytes after the last tensor")
-    return hdr
+    tensors = {key: _parse_entry(path, key, entry, data_len) for key, entry in doc.items()}
+    _check_layout(path, tensors, data_len)
+    return Header(path, tensors, metadata, data_start, size)
+
+
+def _check_layout(path, tensors: dict, data_len: int):
+    """As the reference library's `Metadata::validate`: sorted by offsets, the tensors' bytes follow each
+    other from 0 with no gap or overlap and end exactly at the end of the file."""
+    at, last = 0, None
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin < at:
+            raise CheckpointError(path, f"tensors '{last}' and '{key}' overlap in the data section")
+        if info.begin > at:
+            after = f"after tensor '{last}'" if last is not None else "at the start of the data section"
+            raise CheckpointError(path, f"{info.begin - at} bytes {after} belong to no tensor (a hole before '{key}'); "
+                                        "the safetensors format has none")
+        at, last = info.end, key
+    if at < data_len:
+        raise CheckpointError(path, f"{data_len - at} bytes after the last tensor belong to no tensor; "
+                                    "the safetensors format has none")
 
 
 def _parse_entry(path, key, entry, data_len) -> TensorInfo:
@@ -146,35 +180,90 @@ def _parse_entry(path, key, entry, data_len) -> TensorInfo:
         raise CheckpointError(path, f"tensor '{key}': header entry is not an object")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype_name not in DTYPES:
-        raise CheckpointError(path, f"tensor '{key}': unsupported dtype {dtype_name!r}")
+        raise CheckpointError(path, f"tensor '{key}': unsupported dtype {_short(dtype_name)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(path, f"tensor '{key}': shape {shape!r} is not a list of non-negative integers")
+        raise CheckpointError(path, f"tensor '{key}': shape {_short(shape)} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise CheckpointError(path, f"tensor '{key}': data_offsets {offsets!r} are invalid")
+        raise CheckpointError(path, f"tensor '{key}': data_offsets {_short(offsets)} are invalid")
     dtype, itemsize = DTYPES[dtype_name]
+    if math.prod(max(d, 1) for d in shape) * itemsize >= 2 ** 63:   # Python ints: no overflow here, torch would
+        raise CheckpointError(path, f"tensor '{key}': shape {_short(shape)} is too large (its size overflows 64 bits)")
     if offsets[1] > data_len:
         raise CheckpointError(path, f"tensor '{key}': data runs past the end of the file (truncated?)")
     if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
-        raise CheckpointError(path, f"tensor '{key}': {offsets[1] - offsets[0]} bytes do not match shape {shape} of {dtype_name}")
+        raise CheckpointError(path, f"tensor '{key}': {offsets[1] - offsets[0]} bytes do not match shape {_short(shape)} of {dtype_name}")
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
+def _short(value, limit: int = 80) -> str:
+    """repr() for messages, cut to `limit` characters (hostile headers hold megabyte-long values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " … " + text[-2:]
+
+
 def _legacy_state_dict(path):
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        try:  # legacy (non-zip) serialisation cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
-            raise CheckpointError(path, f"refused to load: {exc.__class__.__name__}: {str(exc)[:300]}") from None
-    except Exception as exc:  # noqa: BLE001 - the weights-only unpickler refuses code
-        raise CheckpointError(path, f"refused to load: {exc.__class__.__name__}: {str(exc)[:300]}") from None
+    with warnings.catch_warnings():   # torch warns about pickle protocols: our message says it all
+        warnings.simplefilter("ignore")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            try:  # legacy (non-zip) serialisation cannot be memory-mapped
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+                raise CheckpointError(path, _legacy_refusal(path, exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the weights-only unpickler refuses code
+            raise CheckpointError(path, _legacy_refusal(path, exc)) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CheckpointError(path, "does not contain a state dict")
+        raise CheckpointError(path, f"holds a pickled {type(obj).__name__}, not a state dict of tensors: not a checkpoint")
     return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+NOT_A_CHECKPOINT = "is not a safetensors or PyTorch (.ckpt/.pt) checkpoint, or it is damaged"
+SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "builtins.set", "_codecs.encode", "numpy.")
+
+
+def _legacy_refusal(path, exc) -> str:
+    """Our words for torch.load's failure (its own text tells the user how to bypass the safety check)."""
+    if not isinstance(exc, pickle.UnpicklingError) or "weights only" not in str(exc).lower():
+        return NOT_A_CHECKPOINT
+    found = _pickle_globals(path)
+    if found is None:
+        return NOT_A_CHECKPOINT
+    unsafe = [g for g in found if not g.startswith(SAFE_GLOBALS)]
+    example = f" (e.g. {unsafe[0][:80]})" if unsafe else ""
+    return (f"contains Python objects beyond tensors{example}; refusing to unpickle it (unsafe). "
+            "Convert it with a trusted tool or use a .safetensors file")
+
+
+def _pickle_globals(path):
+    """The `module.name` globals a legacy checkpoint's pickle refers to, read without unpickling it
+    (pickletools only decodes opcodes); None if it is no well-formed pickle (then: not a checkpoint)."""
+    import pickletools
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if name is None:
+                    return None
+                data = archive.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+        found, strings = [], []
+        for op, arg, _pos in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+        return found
+    except Exception:  # noqa: BLE001 - any decoding failure: not a pickle we can describe
+        return None
 
 
 def _legacy_header(path) -> Header:
@@ -301,6 +390,41 @@ class CheckpointReader:
         else:     # Windows has no positioned reads: copy out of the memory map
             torch.from_numpy(buf).copy_(self._mapped()[at:at + size])
         return torch.frombuffer(buf, dtype=info.dtype)
+
+
+FDS_PER_FILE = 2   # the open file and the duplicate a memory map of it keeps
+FD_MARGIN = 32     # the output, LoRA files opened per key, the interpreter's own
+
+
+def ensure_open_files(count: int, what: str = "this merge"):
+    """Up front, before any file is opened: make sure `count` checkpoints can be open at once. The
+    soft RLIMIT_NOFILE is raised to the hard limit when needed (as Python's own default is often
+    1024 while the hard limit is far higher); if even that is too low, a clear error instead of
+    "Too many open files" halfway through the merge."""
+    if resource is None:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = _open_descriptors() + FDS_PER_FILE * count + FD_MARGIN
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    target = hard if hard != resource.RLIM_INFINITY else max(need, soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    except (ValueError, OSError):
+        pass
+    if need > soft:
+        raise AstolfoError(f"{what} reads {count} files at once and needs about {need} open files, but this process "
+                           f"may open only {soft} (hard limit {hard}); raise the limit (ulimit -n {need}) or use fewer files")
+
+
+def _open_descriptors() -> int:
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return len(os.listdir(folder))
+        except OSError:
+            continue
+    return 0
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -593,16 +717,41 @@ def legacy_model_hash(path) -> str:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 class HashCache:
     """sha256 of input files, cached by (real path, size, mtime_ns) in a small JSON file."""
 
     def __init__(self, path=None):
         self.path = path or os.path.join(os.path.expanduser("~"), ".cache", "astolfo_merge", "hashes.json")
+        self._data = self._load()
+
+    def _load(self) -> dict:
+        """The cached entries; a cache that is unreadable, not JSON or of the wrong shape is rebuilt
+        (only well-formed entries are kept) and says so once: it must never fail a merge."""
         try:
-            with open(self.path) as f:
-                self._data = json.load(f)
-        except (OSError, ValueError):
-            self._data = {}
+            with open(self.path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            return self._rebuilt(f"cannot be read ({exc.strerror})")
+        try:
+            doc = strict_loads(raw, max_depth=4)
+        except JSONInputError as exc:
+            return self._rebuilt(str(exc))
+        if not isinstance(doc, dict):
+            return self._rebuilt(f"holds a JSON {type(doc).__name__}, not an object")
+        good = {k: v for k, v in doc.items() if isinstance(v, str) and _SHA256.fullmatch(v) and k.count("|") >= 2}
+        if len(good) < len(doc):
+            self._rebuilt(f"holds {len(doc) - len(good)} malformed entries", kept=len(good))
+        return good
+
+    def _rebuilt(self, why, kept=0) -> dict:
+        logging.getLogger("astolfo_merge").warning(
+            "hash cache %s %s; %s", self.path, why, f"kept {kept} good entries" if kept else "starting a new one")
+        return {}
 
     def _key(self, file):
         st = os.stat(file)

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import AstolfoError
+from .errors import AstolfoError, OptionError, check_memory_gb
 
 DEFAULT_MODELS_DIR = os.environ.get("ASTOLFO_MODELS_DIR", os.path.join(os.getcwd(), "models"))
 
@@ -47,7 +47,7 @@ def cmd_merge(args):
     from .checkpoint import read_header
 
     if args.recipe.lower().endswith(".safetensors"):
-        recipe = recipe_from_metadata(read_header(args.recipe).metadata)
+        recipe = recipe_from_metadata(read_header(args.recipe).metadata, args.recipe)
     else:
         recipe = load_recipe(args.recipe)
     if not args.output and not recipe.output:
@@ -116,10 +116,25 @@ def cmd_demo(args):
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line like every other bad input: one line, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def memory_gb_arg(text: str) -> float:
+    """argparse `type` of every --memory-gb: a finite number of GB above 0."""
+    try:
+        return check_memory_gb(text, "--memory-gb")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m astolfo_merge", description="AstolfoMerge: exact, memory-bounded N-way SD checkpoint merging")
+    p = OneLineParser(prog="python -m astolfo_merge", description="AstolfoMerge: exact, memory-bounded N-way SD checkpoint merging")
     p.add_argument("--version", action="version", version=__version__)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     m = sub.add_parser("merge", help="run a recipe (JSON file, or a merged .safetensors to re-run its embedded recipe)")
     m.add_argument("recipe")
@@ -128,7 +143,7 @@ def build_parser():
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     m.add_argument("--threads", type=int, default=0,
                    help="chunk worker threads (0 = auto = 1; more only pays off where ops are not GIL-bound)")
-    m.add_argument("--memory-gb", type=float, default=1.5)
+    m.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")
     m.add_argument("--quiet", "-q", action="store_true")
@@ -183,14 +198,37 @@ def main(argv=None) -> int:
     if hasattr(signal, "SIGXFSZ"):   # a file-size limit becomes an OSError we clean up after, not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()   # a closed pipe shows here, not as a message from the interpreter's exit
+        return code
     except AstolfoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except UnicodeEncodeError as exc:   # a name the file system or the terminal cannot take
+        print(f"error: {ascii(exc.object[:200])}: cannot be encoded as {exc.encoding} "
+              f"({ascii(exc.object[exc.start:exc.end])}: {exc.reason}); use a name made of ordinary characters", file=sys.stderr)
+        return 2
     except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and exc.filename is None:
+            return _output_closed()
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}; nothing was written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _output_closed() -> int:
+    """The reader of our output went away (`methods | head`): stop quietly, as `cat` would. Python
+    would otherwise report the failed flush of the buffered rest at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (OSError, ValueError):
+                pass
+    except OSError:
+        pass
+    return 141   # 128 + SIGPIPE: what a shell reports for a tool stopped by a closed pipe

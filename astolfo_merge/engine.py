@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
-from .errors import Cancelled, MergeKeyError, RecipeError
+from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter, ensure_open_files, legacy_model_hash
+from .errors import Cancelled, MergeKeyError, RecipeError, check_memory_gb
+from .strict_json import loads as strict_loads
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
@@ -47,6 +48,9 @@ class RunOptions:
     hash_inputs: bool = True
     hash_cache: HashCache | None = None
     chunk_bytes: int | None = None   # override the per-key chunk budget (tests, benchmarks)
+
+    def __post_init__(self):   # every front end (CLI, tab, app, scripts) builds these: refuse NaN / inf / <= 0 here
+        self.memory_gb = check_memory_gb(self.memory_gb)
 
 
 @dataclass
@@ -337,8 +341,8 @@ def _json_field(value) -> dict:
     if isinstance(value, dict):
         return value
     try:
-        parsed = json.loads(value) if isinstance(value, str) else {}
-    except ValueError:
+        parsed = strict_loads(value) if isinstance(value, str) else {}
+    except ValueError:   # JSONInputError too: hostile lineage (deep, huge) is dropped, not a crash
         return {}
     return parsed if isinstance(parsed, dict) else {}
 
@@ -393,6 +397,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
             progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, elapsed, eta, key, message))
 
     hashes = _input_hashes(plan, options, report)
+    ensure_open_files(len(plan.sources))
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]

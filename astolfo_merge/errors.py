@@ -3,6 +3,7 @@
 `AstolfoError` and its subclasses are *bad input* (CLI exit code 2, no traceback); anything else
 escaping the library is an internal error (exit code 1).
 """
+import math
 
 
 class AstolfoError(Exception):
@@ -53,3 +54,22 @@ class Cancelled(AstolfoError):
 
     def __init__(self):
         super().__init__("merge cancelled; no output was written")
+
+
+class OptionError(AstolfoError):
+    """A run option (memory budget, plot file, open-file limit) is unusable: names the option."""
+
+    def __init__(self, option, problem):
+        self.option, self.problem = option, problem
+        super().__init__(f"{option}: {problem}")
+
+
+def check_memory_gb(value, option="memory budget (GB)") -> float:
+    """A memory budget in GB as a float: finite and above 0 (NaN, inf, 0 and negatives are refused)."""
+    try:
+        gb = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(option, f"{str(value)[:40]!r} is not a number of GB") from None
+    if not math.isfinite(gb) or gb <= 0:
+        raise OptionError(option, f"must be a finite number of GB above 0 (e.g. 1.5), got {value}")
+    return gb

@@ -7,6 +7,8 @@ import os
 
 from .arch import COMPONENTS, identify
 from .checkpoint import NAME_OF, read_header
+from .recipe import MAX_RECIPE_DEPTH, MAX_RECIPE_DIGITS
+from .strict_json import JSONInputError, loads as strict_loads
 
 COMPONENT_TITLES = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
 
@@ -16,11 +18,11 @@ def inspect_file(path) -> dict:
     ident = identify(header.shapes, header.metadata)
     dtypes = collections.Counter(NAME_OF[t.dtype] for t in header.tensors.values())
     meta = header.metadata
-    recipe = meta.get("astolfo_merge_recipe")
+    recipe, recipe_error = _embedded_recipe(meta)
     non_string = sorted(k for k, v in meta.items() if not isinstance(v, str))
     report = {"file": os.path.basename(path), "path": os.path.abspath(path), "size": header.file_size,
               "keys": len(header.tensors), "dtypes": dict(dtypes), **ident.to_dict(),
-              "recipe": json.loads(recipe) if isinstance(recipe, str) and recipe.startswith("{") else None,
+              "recipe": recipe, "recipe_error": recipe_error,
               "metadata_keys": sorted(meta), "metadata_not_strings": non_string, "warnings": header.warnings}
     try:
         from .repair import diagnose   # the full report, when the repair module is present
@@ -30,6 +32,23 @@ def inspect_file(path) -> dict:
     if report.get("refusal"):
         _add_lora_description(report, header)
     return report
+
+
+def _embedded_recipe(meta: dict):
+    """(recipe document, None) or (None, why it cannot be read): a damaged or hostile recipe in the
+    metadata is reported, the rest of the report stands."""
+    text = meta.get("astolfo_merge_recipe")
+    if text is None:
+        return None, None
+    if not isinstance(text, str):
+        return None, f"the recipe in the metadata is a JSON {type(text).__name__}, not the text of a recipe"
+    try:
+        doc = strict_loads(text, max_depth=MAX_RECIPE_DEPTH, max_digits=MAX_RECIPE_DIGITS, what="field")
+    except JSONInputError as exc:
+        return None, f"the recipe in the metadata {exc}"
+    if not isinstance(doc, dict):
+        return None, f"the recipe in the metadata is a JSON {type(doc).__name__}, not a JSON object"
+    return doc, None
 
 
 def _add_lora_description(report, header):
@@ -85,7 +104,11 @@ def format_report(report) -> str:
         lines.append(extra_line)
     if report["recipe"]:
         r = report["recipe"]
-        lines.append(f"Recipe: {r.get('method')} over {len(r.get('pool', []))} model(s), params {json.dumps(r.get('params', {}))}")
+        pool = r.get("pool")
+        lines.append(f"Recipe: {str(r.get('method'))[:60]} over {len(pool) if isinstance(pool, list) else '?'} model(s), "
+                     f"params {json.dumps(r.get('params', {}))[:300]}")
+    elif report.get("recipe_error"):
+        lines.append(f"Recipe: unreadable ({report['recipe_error']})")
     if report["metadata_not_strings"]:
         lines.append(f"Metadata values that are not strings (would break saving elsewhere): {', '.join(report['metadata_not_strings'][:5])}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import arch as archmod
-from .checkpoint import CheckpointReader, read_header
+from .checkpoint import CheckpointReader, check_file, read_header
 from .errors import ArchitectureError, CheckpointError, RecipeError
 from .lora_math import TITLES, LoraBake, Module, group_modules
 from .lora_names import Target, canonical_module_name, module_table
@@ -369,6 +369,9 @@ def find_lora(name, models_dir, where) -> str:
     for path in candidates:
         if os.path.isfile(path):
             return path
+    for path in candidates:   # a FIFO, a device, a socket: it exists, say what it is
+        if os.path.exists(path) and not os.path.isdir(path):
+            check_file(path)
     looked = ", ".join(dict.fromkeys(os.path.dirname(c) for c in candidates))
     raise RecipeError(where, f"LoRA file {name!r} not found (looked in {looked})")
 

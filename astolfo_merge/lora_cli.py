@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-from .cli import _progress_printer, register_command
+from .cli import _progress_printer, memory_gb_arg, register_command
 from .errors import RecipeError
 
 
@@ -63,7 +63,7 @@ def add(sub):
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--precision", default="fp64", choices=["fp64", "fp32"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--memory-gb", type=float, default=1.5)
+    p.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")
     p.add_argument("--quiet", "-q", action="store_true")

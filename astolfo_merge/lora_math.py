@@ -134,6 +134,7 @@ class Module:
 
     def check(self, path):
         """Refuse incomplete or inconsistent factor sets (names the module)."""
+        self._check_shapes(path)
         algo = self.algorithm
         need = {"lora": [("lora_up.weight", "lora_down.weight")],
                 "loha": [("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")],
@@ -163,6 +164,27 @@ class Module:
                     raise CheckpointError(path, f"module '{self.name}': hada_w{n}_a {list(a)} and hada_w{n}_b {list(b)} do not chain")
             if self.shape("hada_w1_b")[1:] != self.shape("hada_w2_b")[1:]:
                 raise CheckpointError(path, f"module '{self.name}': hada_w1 and hada_w2 have different shapes")
+
+
+    def _check_shapes(self, path):
+        """Each factor has the dimensions its algorithm indexes and none of them is empty: a rank-0
+        LoRA (alpha / 0) or a 1-D lora_up would otherwise fail in the middle of the bake."""
+        for suffix, shape in self.shapes.items():
+            if suffix in SHARED:
+                continue
+            key, need = self.keys[suffix], MIN_DIMS.get(suffix, 2)
+            if len(shape) < need:
+                raise CheckpointError(path, f"module '{self.name}': tensor '{key}' has shape {list(shape)}; "
+                                            f"a {suffix} factor needs at least {need} dimensions")
+            if 0 in shape:
+                what = "rank 0" if suffix in RANK_DIM and shape[RANK_DIM[suffix]] == 0 else "an empty dimension"
+                raise CheckpointError(path, f"module '{self.name}': tensor '{key}' has shape {list(shape)} ({what}): "
+                                            "it changes nothing and cannot be scaled by alpha / rank")
+
+
+MIN_DIMS = {"diff": 1, "diff_b": 1, "w_norm": 1, "b_norm": 1}   # every other factor is at least a matrix
+RANK_DIM = {"lora_down.weight": 0, "lora_up.weight": 1, "hada_w1_b": 0, "hada_w2_b": 0, "hada_w1_a": 1, "hada_w2_a": 1,
+            "lokr_w1_b": 0, "lokr_w2_b": 0, "lokr_w1_a": 1, "lokr_w2_a": 1}
 
 
 def group_modules(shapes: dict) -> tuple:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import arch as archmod
-from .checkpoint import OUTPUT_DTYPES, Header, read_header
+from .checkpoint import OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from .methods import get_method
 from .recipe import ComponentRule, Recipe
@@ -118,6 +118,9 @@ def resolve_file(name: str, models_dir: str | None, field_name: str) -> str:
             return path
     if any(os.path.isdir(p) for p in candidates):
         raise RecipeError(field_name, f"{name!r} is a directory, not a checkpoint file")
+    for path in candidates:   # a FIFO, a device, a socket: it exists, say what it is
+        if os.path.exists(path):
+            check_file(path)
     where = f" in {models_dir}" if models_dir else ""
     raise RecipeError(field_name, f"model file {name!r} not found{where}")
 
@@ -138,6 +141,7 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
         path = resolve_file(name, models_dir, _field_of(recipe, name))
         index[name] = len(sources)
         sources.append(load_source(name, path))
+    ensure_open_files(len(sources))   # before any work: the merge holds every input open at once
     _check_compatible(recipe, sources, index)
     first = sources[index[recipe.pool[0]]]
     plan = Plan(recipe, first.identity.arch, first.identity.scale, first.identity.prediction, sources, [],

@@ -8,13 +8,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .arch import COMPONENTS
 from .errors import RecipeError
 from .methods import get_method
+from .strict_json import JSONInputError, depth as strict_depth, loads as strict_loads
 
 RECIPE_VERSION = 1
+MAX_RECIPE_DEPTH = 16     # the deepest field is loras[i].blocks.NAME (4 levels)
+MAX_RECIPE_DIGITS = 30    # seeds are below 2**63 (19 digits)
 PRECISIONS = ("fp32", "fp64")
 OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
 NONFINITE = ("fail", "skip", "keep", "zero")  # inputs: fail / skip that input for that key / keep; zero = nan_to_num outputs
@@ -136,26 +140,41 @@ def check_output_name(name, where="output") -> str:
         raise RecipeError(where, f"{name!r} escapes or is not a plain name inside the models folder")
     if any(_RESERVED.match(p) or p.startswith(".") for p in parts) or "\x00" in name:
         raise RecipeError(where, f"{name!r} is a reserved or hidden file name")
+    check_encodable(name, where)
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
     return name
 
 
+def check_encodable(name: str, where: str) -> str:
+    """A name the file system can store and a terminal can print: refuses lone surrogates (from JSON
+    escapes or undecodable bytes) and characters outside the file system's encoding."""
+    try:
+        name.encode("utf-8")
+        name.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
+    except UnicodeEncodeError as exc:
+        raise RecipeError(where, f"{ascii(name)} cannot be used as a file name: {ascii(exc.object[exc.start:exc.end])} "
+                                 f"is not a character the file system can store") from None
+    return name
+
+
 def parse_recipe(doc) -> Recipe:
     """Validate a recipe document (dict or JSON text); raise RecipeError naming the field."""
-    if isinstance(doc, (str, bytes)):
+    if isinstance(doc, (str, bytes, bytearray)):
         try:
-            doc = json.loads(doc)
-        except json.JSONDecodeError as exc:
-            raise RecipeError("(document)", f"is not valid JSON: {exc}") from None
+            doc = strict_loads(doc, max_depth=MAX_RECIPE_DEPTH, max_digits=MAX_RECIPE_DIGITS, what="field")
+        except JSONInputError as exc:
+            raise RecipeError("(document)", str(exc)) from None
+    elif strict_depth(doc, MAX_RECIPE_DEPTH) > MAX_RECIPE_DEPTH:   # a dict from the tab or a script
+        raise RecipeError("(document)", f"is nested too deeply (more than {MAX_RECIPE_DEPTH} levels)")
     if not isinstance(doc, dict):
         raise RecipeError("(document)", "must be a JSON object")
-    unknown = sorted(set(doc) - TOP_FIELDS)
+    unknown = sorted(str(k) for k in set(doc) - TOP_FIELDS)
     if unknown:
         raise RecipeError(unknown[0], f"unknown field (known: {', '.join(sorted(TOP_FIELDS))})")
     version = doc.get("version", RECIPE_VERSION)
     if version != RECIPE_VERSION:
-        raise RecipeError("version", f"unsupported recipe version {version!r} (this tool reads {RECIPE_VERSION})")
+        raise RecipeError("version", f"unsupported recipe version {_short(version)} (this tool reads {RECIPE_VERSION})")
     if "pool" not in doc:
         raise RecipeError("pool", "is required")
     pool = _str_list(doc["pool"], "pool")
@@ -174,7 +193,7 @@ def parse_recipe(doc) -> Recipe:
     recipe.components = _parse_components(doc.get("components"), recipe)
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise RecipeError("seed", f"must be a non-negative integer, got {seed!r}")
+        raise RecipeError("seed", f"must be an integer from 0 to 2**63 - 1, got {_short(seed)}")
     recipe.seed = seed
     recipe.precision = _choice(doc, "precision", PRECISIONS, "fp64")
     recipe.dtype = _choice(doc, "dtype", OUTPUT_DTYPES, "fp16")
@@ -198,9 +217,17 @@ def parse_recipe(doc) -> Recipe:
 
 def _choice(doc, name, choices, default):
     value = doc.get(name, default)
-    if value not in choices:
-        raise RecipeError(name, f"must be one of {', '.join(choices)}; got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise RecipeError(name, f"must be one of {', '.join(choices)}; got {_short(value)}")
     return value
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value for a message: huge integers by their size (their repr may even fail), long ones cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 30:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 5] + " … " + text[-2:]
 
 
 def _parse_components(doc, recipe: Recipe) -> dict:
@@ -215,7 +242,7 @@ def _parse_components(doc, recipe: Recipe) -> dict:
             raise RecipeError(where, f"unknown component (known: {', '.join(COMPONENTS)})")
         if not isinstance(rule, dict):
             raise RecipeError(where, "must be an object")
-        unknown = sorted(set(rule) - COMPONENT_FIELDS)
+        unknown = sorted(str(k) for k in set(rule) - COMPONENT_FIELDS)
         if unknown:
             raise RecipeError(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(COMPONENT_FIELDS))})")
         if "take" in rule:
@@ -242,16 +269,26 @@ def _parse_components(doc, recipe: Recipe) -> dict:
 
 def load_recipe(path) -> Recipe:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             text = f.read()
     except OSError as exc:
         raise RecipeError("(file)", f"cannot read {path}: {exc.strerror}") from None
-    return parse_recipe(text)
+    return _parse_from(text, "(file)", path)
 
 
-def recipe_from_metadata(metadata: dict) -> Recipe:
-    """The recipe embedded in a merged checkpoint's metadata."""
+def recipe_from_metadata(metadata: dict, source=None) -> Recipe:
+    """The recipe embedded in a merged checkpoint's metadata (`source`: that file, for messages)."""
     text = metadata.get("astolfo_merge_recipe")
     if not text:
-        raise RecipeError("(metadata)", "this checkpoint carries no AstolfoMerge recipe")
-    return parse_recipe(text)
+        raise RecipeError("(metadata)", f"{source or 'this checkpoint'} carries no AstolfoMerge recipe")
+    return _parse_from(text, "(metadata)", f"the recipe in {source}" if source else None)
+
+
+def _parse_from(doc, field_name, where) -> Recipe:
+    """parse_recipe, with a problem of the document as a whole naming where it came from."""
+    try:
+        return parse_recipe(doc)
+    except RecipeError as exc:
+        if exc.field == "(document)" and where:
+            raise RecipeError(field_name, f"{where} {exc.problem}") from None
+        raise

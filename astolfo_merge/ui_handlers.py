@@ -253,7 +253,7 @@ class TabHandlers:
     def split_run(self, values):
         n = len(self.form_inputs())
         device, threads, memory, overwrite = values[n:n + 4]
-        return list(values[:n]), dict(device=device, threads=int(threads or 0), memory_gb=float(memory or 1.5),
+        return list(values[:n]), dict(device=device, threads=int(threads or 0), memory_gb=memory or 1.5,
                                       overwrite=bool(overwrite))
 
     # -- plan, merge, cancel ----------------------------------------------------------------------

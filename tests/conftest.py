@@ -76,3 +76,22 @@ def make_checkpoint(tmp_path):
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol=1e-12, atol=1e-12) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+def run_cli(*args, cwd, env_extra=None, preexec=None, stdout=None, timeout=120):
+    """`python -m astolfo_merge ARGS` in a subprocess (a clean HOME in `cwd`): CompletedProcess with text output."""
+    import subprocess
+    env = {"PYTHONPATH": str(ROOT), "HOME": str(cwd), "PATH": "/usr/bin:/bin", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "astolfo_merge", *map(str, args)], cwd=cwd, env=env, timeout=timeout,
+                          stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=preexec)
+
+
+def one_line_error(proc, *needles, code=2) -> str:
+    """Assert a CLI run failed as bad input does: exit `code`, one line on stderr, no traceback, naming `needles`."""
+    err = proc.stderr.strip()
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, proc.stderr
+    for needle in needles:
+        assert str(needle) in err, (needle, err)
+    return err
