@@ -1,0 +1,121 @@
+"""Nothing lost, values as written (issue 15): one test (or a few) per class of fault.
+
+Faults that kill or signal a process run the CLI in a subprocess (helpers shared with
+test_hardening); the rest run in-process on the tiny fixtures of conftest.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from astolfo_merge.checkpoint import (MAX_HEADER_BYTES, OutputBusyError, SafetensorsWriter, partial_path,
+                                      read_header, reclaim_temp_files, save_file, temp_files)
+from astolfo_merge.engine import run_merge
+from astolfo_merge.errors import CheckpointError
+from astolfo_merge.plan import build_plan
+from astolfo_merge.recipe import parse_recipe
+from conftest import ROOT, load
+from test_hardening import OPTS, _cli, _recipe, listing, sha
+
+
+def _wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def _holder(target):
+    """A separate live process holding a writer of `target` open (until its stdin closes)."""
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from astolfo_merge.checkpoint import SafetensorsWriter
+        w = SafetensorsWriter({str(target)!r}, [("t", torch.float32, (4,))])
+        print("ready", flush=True)
+        sys.stdin.read()
+        w.abort()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+# -- temp files: short names, reclaimed folder-wide, never a live one ---------------------------------
+
+def test_output_names_up_to_255_bytes_are_written(tmp_path):
+    name = "n" * (255 - len(".safetensors")) + ".safetensors"
+    digest = save_file({"t": torch.arange(4.0)}, tmp_path / name)
+    assert sha(tmp_path / name) == digest and listing(tmp_path) == [name]
+    assert len(os.path.basename(partial_path(tmp_path / name))) <= 40
+
+
+def test_a_stale_temp_file_is_reclaimed_by_a_writer_of_another_name_a_live_one_never(tmp_path):
+    holder = _holder(tmp_path / "live.safetensors")
+    try:
+        live = partial_path(tmp_path / "live.safetensors", holder.pid)
+        assert os.path.exists(live)
+        stale = partial_path(tmp_path / "gone.safetensors", _dead_pid())
+        legacy = tmp_path / ".older-version.safetensors.partial"
+        for path in (stale, legacy):
+            open(path, "wb").write(b"x" * 100)
+        with SafetensorsWriter(tmp_path / "new.safetensors", [("t", torch.float32, (2,))]) as w:
+            assert sorted(w.reclaimed) == sorted([str(stale), str(legacy)])
+            w.write("t", torch.ones(2))
+            w.commit()
+        assert temp_files(tmp_path) == [live]             # the live merge's temp file is untouched
+        with pytest.raises(OutputBusyError, match="another merge"):   # and its output is busy
+            SafetensorsWriter(tmp_path / "live.safetensors", [("t", torch.float32, (2,))])
+        assert temp_files(tmp_path) == [live]
+    finally:
+        holder.communicate("")
+    assert holder.returncode == 0 and temp_files(tmp_path) == []
+    assert reclaim_temp_files(tmp_path) == [] and listing(tmp_path) == ["new.safetensors"]
+
+
+def test_kill_9_then_a_merge_of_another_name_reclaims_the_temp_file(models, tmp_path):
+    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
+                env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
+    tmp = partial_path(models / "o.safetensors", proc.pid)
+    _wait_for(lambda: os.path.exists(tmp) and os.path.getsize(tmp) > 100_000)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert temp_files(models) == [tmp]
+    run_merge(build_plan(parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
+                                       "output": "other.safetensors"}), str(models)), OPTS)
+    assert temp_files(models) == [] and (models / "other.safetensors").exists() and not (models / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_sigint_stops_the_cli_removes_the_temp_file_and_says_so(models, tmp_path, sig):
+    before = {f: sha(models / f) for f in listing(models)}
+    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
+                env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
+    tmp = partial_path(models / "o.safetensors", proc.pid)
+    _wait_for(lambda: os.path.exists(tmp) and os.path.getsize(tmp) > 100_000)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, err
+    lines = err.strip().splitlines()
+    assert f"interrupted by {signal.Signals(sig).name}" in lines[-1] and "removed" in lines[-1]
+    assert "Traceback" not in err
+    assert temp_files(models) == [] and {f: sha(models / f) for f in listing(models)} == before
+
+
+def test_a_header_our_reader_would_refuse_is_never_written(tmp_path):
+    with pytest.raises(CheckpointError, match="limit") as err:
+        SafetensorsWriter(tmp_path / "big.safetensors", [("t", torch.float32, (1,))],
+                          metadata={"huge": "x" * (MAX_HEADER_BYTES + 1)})
+    assert "big.safetensors" in str(err.value) and os.listdir(tmp_path) == []
