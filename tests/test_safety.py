@@ -3,6 +3,7 @@
 Faults that kill or signal a process run the CLI in a subprocess (helpers shared with
 test_hardening); the rest run in-process on the tiny fixtures of conftest.
 """
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from astolfo_merge.checkpoint import (MAX_HEADER_BYTES, OutputBusyError, SafetensorsWriter, partial_path,
                                       read_header, reclaim_temp_files, save_file, temp_files)
 from astolfo_merge.engine import run_merge
-from astolfo_merge.errors import CheckpointError
+from astolfo_merge.errors import CheckpointError, MergeKeyError
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
 from conftest import ROOT, load
@@ -119,3 +120,60 @@ def test_a_header_our_reader_would_refuse_is_never_written(tmp_path):
         SafetensorsWriter(tmp_path / "big.safetensors", [("t", torch.float32, (1,))],
                           metadata={"huge": "x" * (MAX_HEADER_BYTES + 1)})
     assert "big.safetensors" in str(err.value) and os.listdir(tmp_path) == []
+
+
+# -- values: checked as written (after the cast to the output dtype) --------------------------------
+
+BIG_KEY = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
+
+def _with_values(models, source, name, key, value):
+    sd = load(models / source)
+    sd[key] = torch.full_like(sd[key], value)
+    save_file(sd, models / name)
+
+
+@pytest.fixture
+def overflowing(models):
+    """amplify R + 2·(X − R) of X = 60000, R = −60000 (both fit fp16) is 180000: not an fp16 value."""
+    _with_values(models, "sd1-a.safetensors", "x.safetensors", BIG_KEY, 60000.0)
+    _with_values(models, "sd1-base.safetensors", "r.safetensors", BIG_KEY, -60000.0)
+    return {"pool": ["x.safetensors"], "base": "r.safetensors", "method": "amplify", "output": "o.safetensors"}
+
+
+def test_values_that_overflow_the_output_dtype_fail_in_the_cli_naming_the_key(models, tmp_path, overflowing):
+    (tmp_path / "r.json").write_text(json.dumps(overflowing))
+    proc = _cli(["merge", tmp_path / "r.json", "--models-dir", models, "--no-hash", "-q"], tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert len(err.strip().splitlines()) == 2 and "Traceback" not in err      # the "merging ..." line + the error
+    assert BIG_KEY in err and "fp16" in err and "1.8e+05" in err
+    assert not (models / "o.safetensors").exists() and temp_files(models) == []
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero", "keep"])
+def test_overflow_under_the_other_policies(models, overflowing, policy):
+    plan = build_plan(parse_recipe({**overflowing, "nonfinite": policy}), str(models))
+    if policy == "skip":          # no input to leave out: the inputs are finite
+        with pytest.raises(MergeKeyError, match="do not fit fp16"):
+            run_merge(plan, OPTS)
+        return
+    result = run_merge(plan, OPTS)
+    value = load(result.path)[BIG_KEY]
+    assert torch.equal(value, torch.full_like(value, float("inf") if policy == "keep" else 0.0))
+    assert any(BIG_KEY in line and ("kept" if policy == "keep" else "replaced by 0") in line for line in result.log)
+
+
+def test_fp32_output_of_the_same_merge_is_finite(models, overflowing):
+    result = run_merge(build_plan(parse_recipe({**overflowing, "dtype": "fp32"}), str(models)), OPTS)
+    assert torch.equal(load(result.path)[BIG_KEY], torch.full((load(result.path)[BIG_KEY].shape), 180000.0))
+
+
+def test_a_lora_with_a_huge_alpha_fails_instead_of_writing_inf(models, tmp_path):
+    from astolfo_merge.lora_synth import write_synthetic_lora
+    write_synthetic_lora(tmp_path / "huge.safetensors", "sd1", scale=64, alpha=1e12)
+    plan = build_plan(parse_recipe({"pool": ["sd1-a.safetensors"], "method": "n_average", "output": "o.safetensors",
+                                    "loras": [{"file": str(tmp_path / "huge.safetensors")}]}), str(models))
+    with pytest.raises(MergeKeyError, match="do not fit fp16"):
+        run_merge(plan, OPTS)
+    assert not (models / "o.safetensors").exists() and temp_files(models) == []
