@@ -16,7 +16,7 @@ from . import arch as archmod
 from .checkpoint import OUTPUT_DTYPES, Header, read_header
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from .methods import get_method
-from .recipe import ComponentRule, Recipe
+from .recipe import ComponentRule, Recipe, check_block_names
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
@@ -142,6 +142,7 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
     first = sources[index[recipe.pool[0]]]
     plan = Plan(recipe, first.identity.arch, first.identity.scale, first.identity.prediction, sources, [],
                 _output_path(recipe, models_dir, output))
+    check_block_names(recipe, plan.arch)
     rules = _component_rules(recipe)
     _plan_keys(plan, rules, index)
     if recipe.extra.get("loras"):

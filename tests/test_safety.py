@@ -17,7 +17,7 @@ import torch
 from astolfo_merge.checkpoint import (MAX_HEADER_BYTES, OutputBusyError, SafetensorsWriter, partial_path,
                                       read_header, reclaim_temp_files, save_file, temp_files)
 from astolfo_merge.engine import run_merge
-from astolfo_merge.errors import CheckpointError, MergeKeyError
+from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
 from conftest import ROOT, load
@@ -177,3 +177,64 @@ def test_a_lora_with_a_huge_alpha_fails_instead_of_writing_inf(models, tmp_path)
     with pytest.raises(MergeKeyError, match="do not fit fp16"):
         run_merge(plan, OPTS)
     assert not (models / "o.safetensors").exists() and temp_files(models) == []
+
+
+# -- block weights and weights: names per architecture, the parameter's range, finite -------------------
+
+@pytest.mark.parametrize("blocks,field,needle", [
+    ({"FOO": 0.5}, "blocks.FOO", "unknown block"),
+    ({"IN99": 0.5}, "blocks.IN99", "unknown block"),
+    ({"IN01": 2.5}, "blocks.IN01", r"2.5 is outside \[-1, 2\], the range of weighted_sum's alpha"),
+    ({"OUT03": -1.5}, "blocks.OUT03", "outside"),
+    ({"M00": "0.5"}, "blocks.M00", "must be a number"),
+    ({"IN01": 10 ** 400}, "blocks.IN01", "too large"),
+])
+def test_bad_block_weights_are_refused_naming_the_block(blocks, field, needle):
+    with pytest.raises(RecipeError, match=needle) as err:
+        parse_recipe({"pool": ["a", "b"], "method": "weighted_sum", "blocks": blocks})
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_block_weights_in_a_recipe_file_are_refused(text):
+    doc = '{"pool": ["a", "b"], "method": "weighted_sum", "components": {"unet": {"blocks": {"IN04": %s}}}}' % text
+    with pytest.raises(RecipeError, match="finite") as err:
+        parse_recipe(doc)
+    assert err.value.field == "components.unet.blocks.IN04"
+
+
+def test_block_ranges_are_the_methods_own():
+    assert parse_recipe({"pool": ["x"], "base": "r", "method": "amplify", "blocks": {"IN01": 7.5}}).blocks == {"IN01": 7.5}
+    with pytest.raises(RecipeError, match=r"\[-4, 8\]"):
+        parse_recipe({"pool": ["x"], "base": "r", "method": "amplify", "blocks": {"IN01": 9}})
+
+
+def _weights_params():
+    from astolfo_merge.methods import METHODS
+    return [(m.name, p.name) for m in METHODS.values() for p in m.params if p.kind == "floats"]
+
+
+@pytest.mark.parametrize("method,param", _weights_params())
+def test_nan_in_any_methods_weights_list_is_refused(method, param):
+    from astolfo_merge.methods import get_method
+    m = get_method(method)
+    with pytest.raises(RecipeError, match="finite") as err:
+        m.resolve_params({param: [1.0, float("nan"), 1.0]})
+    assert err.value.field == f"params.{param}[1]"
+
+
+@pytest.mark.parametrize("pool,blocks,ok", [
+    (["sdxl-a.safetensors", "sdxl-b.safetensors"], {"IN08": 0.3, "OUT08": 0.7, "VAE": 1.0}, True),
+    (["sdxl-a.safetensors", "sdxl-b.safetensors"], {"IN11": 0.3}, False),
+    (["sd1-a.safetensors", "sd1-b.safetensors"], {"IN11": 0.3, "OUT11": 0.7}, True),
+    (["sd1-a.safetensors", "sd1-b.safetensors"], {"VAE": 0.3}, False),
+])
+def test_block_names_are_checked_against_the_inputs_architecture(models, pool, blocks, ok):
+    recipe = parse_recipe({"pool": pool, "method": "weighted_sum", "blocks": blocks, "output": "o.safetensors"})
+    if ok:
+        plan = build_plan(recipe, str(models))
+        assert {kp.block for kp in plan.keys if kp.action == "merge"} >= set(blocks)
+        return
+    with pytest.raises(RecipeError, match="has no block") as err:
+        build_plan(recipe, str(models))
+    assert err.value.field == f"blocks.{next(iter(blocks))}" and not (models / "o.safetensors").exists()
