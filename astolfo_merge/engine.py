@@ -26,7 +26,7 @@ from .checkpoint import OUTPUT_DTYPES, CheckpointReader, HashCache, legacy_model
 from .errors import Cancelled, MergeKeyError, RecipeError
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
-from .plan import GIB, KeyPlan, Plan
+from .plan import GIB, KeyPlan, Plan, refuse_input_as_output
 from .workers import ChunkWorkers, auto_workers
 
 # Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
@@ -369,6 +369,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     options = options or RunOptions()
     if plan.output is None:
         raise RecipeError("output", "no output file given")
+    refuse_input_as_output(plan, plan.output)
     if post_process and plan.recipe.extra.get("fermat"):
         from .rebasin.fermat import run_fermat
         return run_fermat(plan, options, progress, cancel)

@@ -74,6 +74,7 @@ class Plan:
     output: str | None
     log: list = field(default_factory=list)
     component_summary: dict = field(default_factory=dict)
+    inputs: list = field(default_factory=list)    # (recipe field, path) of every file read, LoRAs included
 
     @property
     def output_bytes(self) -> int:
@@ -148,7 +149,48 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
     if recipe.extra.get("loras"):
         from .lora import attach_loras
         attach_loras(plan, models_dir)
+    plan.inputs = _input_files(plan, models_dir)
+    refuse_input_as_output(plan, plan.output)
     return plan
+
+
+def _input_files(plan: Plan, models_dir=None) -> list:
+    """(field, path) of every file the plan reads: pool, base, component files and LoRA files."""
+    files = [(_field_of(plan.recipe, s.name), s.path) for s in plan.sources]
+    loras = plan.recipe.extra.get("loras") or []
+    if loras:
+        from .lora import find_lora
+        for i, entry in enumerate(loras):
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                try:
+                    files.append((f"loras[{i}].file", find_lora(entry["file"], models_dir, f"loras[{i}].file")))
+                except (RecipeError, CheckpointError, OSError):
+                    continue
+    return files
+
+
+def refuse_input_as_output(plan: Plan, output):
+    """An output that is one of the plan's inputs (same real path, or the same file through a hard
+    link) is refused, whatever the overwrite flag: a merge never replaces what it reads."""
+    if not output:
+        return
+    real = os.path.realpath(output)
+    try:
+        st = os.stat(real)
+        ident = (st.st_dev, st.st_ino)
+    except OSError:
+        ident = None
+    for where, path in plan.inputs or _input_files(plan):
+        same = os.path.realpath(path) == real
+        if not same and ident is not None:
+            try:
+                st = os.stat(path)
+                same = (st.st_dev, st.st_ino) == ident
+            except OSError:
+                pass
+        if same:
+            raise RecipeError("output", f"{output} is also an input ({where}: {os.path.basename(path)}); "
+                                        "a merge never replaces its own input: choose another output name")
 
 
 def _field_of(recipe: Recipe, name: str) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from astolfo_merge.checkpoint import (MAX_HEADER_BYTES, OutputBusyError, SafetensorsWriter, partial_path,
                                       read_header, reclaim_temp_files, save_file, temp_files)
-from astolfo_merge.engine import run_merge
+from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
@@ -238,3 +238,57 @@ def test_block_names_are_checked_against_the_inputs_architecture(models, pool, b
     with pytest.raises(RecipeError, match="has no block") as err:
         build_plan(recipe, str(models))
     assert err.value.field == f"blocks.{next(iter(blocks))}" and not (models / "o.safetensors").exists()
+
+
+# -- an output that is an input is refused, whatever the overwrite flag -------------------------------
+
+def _link_lora(models, tmp_path):
+    from astolfo_merge.lora_synth import write_synthetic_lora
+    write_synthetic_lora(models / "style.safetensors", "sd1", scale=64)
+    return {"file": "style.safetensors"}
+
+
+@pytest.mark.parametrize("output,extra", [
+    ("sd1-a.safetensors", {}),                                           # a pool member
+    ("sd1-base.safetensors", {}),                                        # the base
+    ("sd1-c.safetensors", {"components": {"vae": {"take": "sd1-c.safetensors"}}}),   # a component's take file
+    ("style.safetensors", "lora"),                                       # a LoRA file
+    ("hard.safetensors", "hardlink"),                                    # a hard link to the base
+    ("sub/../sd1-b.safetensors", {}),                                    # another spelling of a pool member
+])
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(models, tmp_path, output, extra):
+    if extra == "lora":
+        extra = {"loras": [_link_lora(models, tmp_path)]}
+    elif extra == "hardlink":
+        os.link(os.path.realpath(models / "sd1-base.safetensors"), models / "hard.safetensors")
+        extra = {}
+    (models / "sub").mkdir()
+    before = {f: sha(models / f) for f in listing(models)}
+    recipe = parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "base": "sd1-base.safetensors",
+                           "method": "add_difference", **extra})
+    with pytest.raises(RecipeError, match="is also an input") as err:
+        build_plan(recipe, str(models), str(models / output))
+    assert err.value.field == "output" and "never replaces its own input" in str(err.value)
+    plan = build_plan(recipe, str(models), str(models / "fine.safetensors"))
+    plan.output = str(models / output)          # a plan changed after planning is refused by the engine too
+    with pytest.raises(RecipeError, match="is also an input"):
+        run_merge(plan, RunOptions(hash_inputs=False, overwrite=True))
+    assert {f: sha(models / f) for f in listing(models)} == before and temp_files(models) == []
+
+
+def test_the_cli_refuses_an_output_that_is_an_input_with_overwrite(models, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"],
+                                                 "method": "weighted_sum", "output": "sd1-b.safetensors"}))
+    before = sha(models / "sd1-b.safetensors")
+    proc = _cli(["merge", tmp_path / "r.json", "--models-dir", models, "--overwrite", "--no-hash", "-q"], tmp_path)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "is also an input (pool[1]" in err, err
+    assert sha(models / "sd1-b.safetensors") == before
+
+
+def test_the_tabs_host_plan_refuses_an_output_that_is_an_input(models):
+    from astolfo_merge.host import StandaloneHost
+    recipe = parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
+                           "output": "sd1-a.safetensors"})
+    with pytest.raises(RecipeError, match="is also an input"):
+        StandaloneHost(str(models)).plan(recipe)
