@@ -256,6 +256,7 @@ class CheckpointReader:
         info = self.info(key)
         if self._fd is None or not info.shape or info.nbytes == 0:
             return None
+        self.check_size()
         begin, end = (self.header.data_start + at for at in self._row_bytes(info, start, stop))
         if begin % info.dtype.itemsize:
             return None
@@ -277,6 +278,15 @@ class CheckpointReader:
         end = min(len(self._map), self.header.data_start + last)
         if end > begin:
             self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def check_size(self):
+        """Refuse to touch mapped pages of a file that changed size since its header was read: a page past
+        a shrunk end kills the process with SIGBUS (one fstat; called before each key's views)."""
+        size = os.fstat(self._fd).st_size
+        if size != self.header.file_size:
+            raise CheckpointError(self.path, f"changed while being read: it is now {size} bytes, it was "
+                                             f"{self.header.file_size} when the merge started (replaced or truncated "
+                                             "in place?); nothing was written")
 
     def _mapped(self) -> torch.Tensor:
         if self._bytes is None:
@@ -302,9 +312,11 @@ class CheckpointReader:
             while done < size:
                 got = os.preadv(self._fd, [view[done:]], at + done)
                 if got <= 0:
-                    raise CheckpointError(self.path, "unexpected end of file while reading tensor data")
+                    raise CheckpointError(self.path, "unexpected end of file while reading tensor data (did the file "
+                                                     "shrink while being read?)")
                 done += got
         else:     # Windows has no positioned reads: copy out of the memory map
+            self.check_size()
             torch.from_numpy(buf).copy_(self._mapped()[at:at + size])
         return torch.frombuffer(buf, dtype=info.dtype)
 

@@ -292,3 +292,44 @@ def test_the_tabs_host_plan_refuses_an_output_that_is_an_input(models):
                            "output": "sd1-a.safetensors"})
     with pytest.raises(RecipeError, match="is also an input"):
         StandaloneHost(str(models)).plan(recipe)
+
+
+# -- an input that shrinks mid-merge: a clear error naming it, not SIGBUS ------------------------------
+
+def test_an_input_that_shrinks_between_keys_is_reported_by_name(models, tmp_path):
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes((models / "sdxl-b.safetensors").read_bytes())
+    code = textwrap.dedent(f"""
+        import os, sys
+        from astolfo_merge.engine import RunOptions, run_merge
+        from astolfo_merge.errors import AstolfoError
+        from astolfo_merge.plan import build_plan
+        from astolfo_merge.recipe import parse_recipe
+        plan = build_plan(parse_recipe({{"pool": ["sdxl-a.safetensors", {str(victim)!r}, "sdxl-c.safetensors"],
+                                        "method": "n_average", "output": "o.safetensors"}}), {str(models)!r})
+        def shrink(p):
+            if p.keys_done == 40:
+                os.truncate({str(victim)!r}, os.path.getsize({str(victim)!r}) // 2)
+        try:
+            run_merge(plan, RunOptions(hash_inputs=False), progress=shrink)
+        except AstolfoError as exc:
+            print(exc)
+            sys.exit(2)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])     # not -SIGBUS
+    assert str(victim) in proc.stdout and "changed while being read" in proc.stdout
+    assert not (models / "o.safetensors").exists() and temp_files(models) == []
+
+
+def test_a_reader_refuses_views_of_a_file_that_changed_size(tmp_path):
+    from astolfo_merge.checkpoint import CheckpointReader
+    save_file({"t": torch.arange(64.0).reshape(8, 8)}, tmp_path / "f.safetensors")
+    with CheckpointReader(tmp_path / "f.safetensors") as reader:
+        assert reader.view_rows("t", 0, 8).sum() == torch.arange(64.0).sum()
+        os.truncate(tmp_path / "f.safetensors", 100)
+        with pytest.raises(CheckpointError, match="f.safetensors: changed while being read"):
+            reader.view_rows("t", 0, 8)
+        with pytest.raises(CheckpointError, match="shrink"):
+            reader.read("t")
