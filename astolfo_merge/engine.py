@@ -538,6 +538,27 @@ def _nonfinite_input(plan, kp: KeyPlan, readers, start, stop):
     return None
 
 
+def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
+    """A copied key in row chunks that fit the chunk budget (stored, output and, with post-processing,
+    compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget."""
+    reader, stored = readers[kp.source], plan.sources[kp.source].keys[kp.key]
+    info = reader.info(stored)
+    rows = kp.shape[0] if kp.shape else 1
+    row_elems = math.prod(kp.shape[1:]) if len(kp.shape) > 1 else 1
+    same_rows = bool(kp.shape) and bool(info.shape) and info.shape[0] == rows and info.numel == math.prod(kp.shape)
+    per_row = max(1, row_elems * (info.dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)))
+    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows else rows
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        t = (reader.read_rows(stored, start, stop) if same_rows and step < rows else reader.read(stored))
+        t = t.reshape(((stop - start,) + tuple(kp.shape[1:])) if kp.shape else ())
+        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
+            raise NonFiniteInput(kp.source)
+        if kp.post and t.is_floating_point():
+            t = t.to(device=device, dtype=dtype)
+        yield start, stop, t
+
+
 def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
     """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
     rows = kp.shape[0] if kp.shape else 1
@@ -545,13 +566,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
         yield 0, rows, torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
         return
     if kp.action == "copy":
-        src = plan.sources[kp.source]
-        t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
-        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
-            raise NonFiniteInput(kp.source)
-        if kp.post and t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
-        yield 0, rows, t
+        yield from _copy_chunks(plan, kp, readers, dtype, device, chunk_bytes)
         return
     method = get_method(kp.method)
     inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method), pool,

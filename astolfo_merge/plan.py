@@ -20,6 +20,7 @@ from .recipe import ComponentRule, Recipe, check_block_names
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
+MAX_MARKER_BYTES = 1024 ** 2         # v_pred / ztsnr markers and schedule buffers are a few KiB at most
 
 
 @dataclass
@@ -379,6 +380,9 @@ def _plan_extras(plan: Plan, involved):
                 continue
             seen.add(key)
             info = src.header.tensors[src.keys[key]]
+            if info.nbytes > MAX_MARKER_BYTES:
+                raise CheckpointError(src.path, f"marker / schedule buffer '{src.keys[key]}' is {info.nbytes} bytes; such "
+                                                f"keys are tiny (the limit is {MAX_MARKER_BYTES}): not a real checkpoint?")
             plan.keys.append(KeyPlan(key, info.shape, info.dtype, "copy", archmod.OTHER, source=i,
                                      note="marker / schedule buffer: copied, never merged"))
     dropped = {}

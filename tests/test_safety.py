@@ -333,3 +333,54 @@ def test_a_reader_refuses_views_of_a_file_that_changed_size(tmp_path):
             reader.view_rows("t", 0, 8)
         with pytest.raises(CheckpointError, match="shrink"):
             reader.read("t")
+
+
+# -- copied keys stream within the memory budget; absurd markers are refused ----------------------------
+
+def _sparse_checkpoint(path, key, shape, dtype_name="F32", itemsize=4):
+    """A checkpoint of one zero tensor written without holding it (a sparse file)."""
+    nbytes = itemsize
+    for d in shape:
+        nbytes *= d
+    blob = json.dumps({key: {"dtype": dtype_name, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        f.truncate(8 + len(blob) + nbytes)
+
+
+def test_a_large_copied_key_stays_within_the_memory_budget(tmp_path):
+    _sparse_checkpoint(tmp_path / "big.safetensors", "big", (16384, 4096))      # 256 MiB of fp32
+    code = textwrap.dedent(f"""
+        import resource, psutil, torch
+        from astolfo_merge import arch
+        from astolfo_merge.checkpoint import read_header
+        from astolfo_merge.engine import RunOptions, run_merge
+        from astolfo_merge.plan import KeyPlan, Plan, Source
+        from astolfo_merge.recipe import parse_recipe
+        header = read_header({str(tmp_path / "big.safetensors")!r})
+        source = Source("big.safetensors", header.path, header, arch.Identity("sd1"), {{"big": "big"}})
+        plan = Plan(parse_recipe({{"pool": ["big.safetensors"], "method": "n_average"}}), "sd1", 1, "epsilon",
+                    [source], [KeyPlan("big", (16384, 4096), torch.float16, "copy", source=0)],
+                    {str(tmp_path / "out.safetensors")!r})
+        before = psutil.Process().memory_info().rss
+        run_merge(plan, RunOptions(hash_inputs=False, memory_gb=0.0625))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print((peak - before) // 2 ** 20)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown_mib = int(proc.stdout.split()[-1])
+    assert grown_mib < 64 + 96, grown_mib        # budget + slack (the writer queues up to 64 MiB); was 384+
+    assert os.path.getsize(tmp_path / "out.safetensors") > 128 * 2 ** 20
+
+
+def test_an_absurd_marker_is_refused_naming_file_and_key(models):
+    sd = load(models / "sd1-a.safetensors")
+    sd["v_pred"] = torch.zeros(2 ** 20 // 8 + 1, dtype=torch.int64)
+    save_file(sd, models / "marked.safetensors")
+    with pytest.raises(CheckpointError, match="marker / schedule buffer 'v_pred' is 1048584 bytes") as err:
+        build_plan(parse_recipe({"pool": ["marked.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
+                                 "output": "o.safetensors", "allow_mixed_prediction": True}), str(models))
+    assert "marked.safetensors" in str(err.value)
