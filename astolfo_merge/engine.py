@@ -24,6 +24,7 @@ import torch
 from . import __version__
 from .checkpoint import OUTPUT_DTYPES, CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
 from .errors import Cancelled, MergeKeyError, RecipeError
+from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan, refuse_input_as_output
@@ -316,6 +317,7 @@ def output_metadata(plan: Plan, hashes: dict) -> dict:
         if sha:
             lineage[sha] = {"name": src.name, "legacy_hash": _safe_legacy_hash(src.path),
                             "sd_merge_recipe": _json_field(src.header.metadata.get("sd_merge_recipe")) or None}
+    lineage, truncated = bound_lineage(lineage, (hashes.get(src.path) for src in plan.sources))
     webui_recipe = {"type": "astolfo_merge", "method": recipe.method, "params": recipe.params,
                     "pool": [hashes.get(plan.sources[[s.name for s in plan.sources].index(n)].path) for n in recipe.pool],
                     "recipe": recipe.to_dict()}
@@ -330,6 +332,8 @@ def output_metadata(plan: Plan, hashes: dict) -> dict:
                                    "sdxl": "stable-diffusion-xl-v1-base"}[plan.arch],
         "modelspec.prediction_type": {"epsilon": "epsilon", "v": "v", "edm-v": "v", "edm": "epsilon"}[plan.prediction],
     }
+    if truncated:
+        meta[LINEAGE_NOTE] = truncated
     return meta
 
 

@@ -384,3 +384,40 @@ def test_an_absurd_marker_is_refused_naming_file_and_key(models):
         build_plan(parse_recipe({"pool": ["marked.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
                                  "output": "o.safetensors", "allow_mixed_prediction": True}), str(models))
     assert "marked.safetensors" in str(err.value)
+
+
+# -- lineage: bounded over generations, every output readable ------------------------------------------
+
+def test_thirty_generations_of_merges_keep_a_bounded_readable_header(models, tmp_path):
+    from astolfo_merge import lineage
+    from astolfo_merge.checkpoint import HashCache
+    from conftest import metadata
+    hostile = {f"{i:064x}": {"name": f"ancestor-{i}.safetensors", "legacy_hash": "0" * 8,
+                             "sd_merge_recipe": {"note": "y" * 300}} for i in range(400)}
+    hostile["f" * 64] = {"name": "huge", "sd_merge_recipe": {"note": "z" * 2_000_000}}
+    sd = load(models / "sd1-a.safetensors")
+    save_file(sd, models / "gen0.safetensors", metadata={"sd_merge_models": json.dumps(hostile)})
+    options = RunOptions(hash_cache=HashCache(str(tmp_path / "hashes.json")))
+    sizes = []
+    for gen in range(1, 31):
+        plan = build_plan(parse_recipe({"pool": [f"gen{gen - 1}.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
+                                        "output": f"gen{gen}.safetensors"}), str(models))
+        result = run_merge(plan, options)
+        header = read_header(result.path)         # our reader, and the reference library, read every generation
+        assert metadata(result.path)["sd_merge_models"] == header.metadata["sd_merge_models"]
+        ancestors = json.loads(header.metadata["sd_merge_models"])
+        assert len(ancestors) <= lineage.MAX_ENTRIES
+        parents = {options.hash_cache.get(p.path) for p in plan.sources}
+        assert parents <= set(ancestors)                     # the direct inputs are always kept
+        assert "kept" in header.metadata[lineage.TRUNCATED_KEY]
+        sizes.append(header.data_start)
+    assert max(sizes) < lineage.MAX_BYTES + 64 * 1024        # lineage cap + this recipe and the tensor index
+
+
+def test_a_small_lineage_is_written_as_it_always_was():
+    from astolfo_merge.lineage import bound_lineage
+    small = {f"{i:064x}": {"name": f"m{i}", "legacy_hash": None, "sd_merge_recipe": None} for i in range(5)}
+    assert bound_lineage(small, [f"{0:064x}"]) == (small, None)
+    big = {f"{i:064x}": {"name": f"m{i}"} for i in range(100)}
+    kept, note = bound_lineage(big, [f"{0:064x}"])
+    assert list(kept) == [f"{0:064x}"] + [f"{i:064x}" for i in range(69, 100)] and "kept 32 of 100" in note
