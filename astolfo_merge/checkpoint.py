@@ -44,6 +44,11 @@ except ImportError:       # Windows: no RLIMIT_NOFILE (the C runtime's own limit
 O_BINARY = getattr(os, "O_BINARY", 0)   # Windows opens fds in text mode otherwise
 
 PARTIAL_SUFFIX = ".partial"
+# The writer's temp file: `.am-<12 hex of the output's name>-<pid>.partial`, at most 33 bytes whatever the
+# output name (so output names up to the file system's 255 bytes can be written), recognisable by any
+# later merge into the folder, which reclaims those whose owner is gone (see `reclaim_temp_files`).
+_TEMP_RE = re.compile(r"^\.am-([0-9a-f]{12})-([0-9]{1,10})\.partial$")
+_LEGACY_TEMP_RE = re.compile(r"^\..+\.(safetensors|ckpt|pt|pth)\.partial$", re.I)   # `.<output name>.partial`
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own limit
 MAX_HEADER_DEPTH = 32     # a header needs 3 levels (object, entry, shape); metadata values are strings
@@ -339,6 +344,7 @@ class CheckpointReader:
         info = self.info(key)
         if self._fd is None or not info.shape or info.nbytes == 0:
             return None
+        self.check_size()
         begin, end = (self.header.data_start + at for at in self._row_bytes(info, start, stop))
         if begin % info.dtype.itemsize:
             return None
@@ -360,6 +366,15 @@ class CheckpointReader:
         end = min(len(self._map), self.header.data_start + last)
         if end > begin:
             self._map.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def check_size(self):
+        """Refuse to touch mapped pages of a file that changed size since its header was read: a page past
+        a shrunk end kills the process with SIGBUS (one fstat; called before each key's views)."""
+        size = os.fstat(self._fd).st_size
+        if size != self.header.file_size:
+            raise CheckpointError(self.path, f"changed while being read: it is now {size} bytes, it was "
+                                             f"{self.header.file_size} when the merge started (replaced or truncated "
+                                             "in place?); nothing was written")
 
     def _mapped(self) -> torch.Tensor:
         if self._bytes is None:
@@ -385,9 +400,11 @@ class CheckpointReader:
             while done < size:
                 got = os.preadv(self._fd, [view[done:]], at + done)
                 if got <= 0:
-                    raise CheckpointError(self.path, "unexpected end of file while reading tensor data")
+                    raise CheckpointError(self.path, "unexpected end of file while reading tensor data (did the file "
+                                                     "shrink while being read?)")
                 done += got
         else:     # Windows has no positioned reads: copy out of the memory map
+            self.check_size()
             torch.from_numpy(buf).copy_(self._mapped()[at:at + size])
         return torch.frombuffer(buf, dtype=info.dtype)
 
@@ -525,9 +542,11 @@ class SafetensorsWriter:
     written in that order, in as many chunks as the caller likes. `commit()` fsyncs and renames
     atomically (refusing to replace an existing file unless `overwrite`); `abort()` or leaving
     the `with` block on an exception removes the temp file, so nothing half-written is ever
-    visible under the target name. The temp file `.<name>.partial` is held under an exclusive
-    lock: a second writer of the same output is refused, and a temp file left by a killed
-    process (lock released by the kernel) is reclaimed.
+    visible under the target name. The temp file (`partial_path`: a short name made of a hash of
+    the output name and this process's id) is held under an exclusive lock: a second writer of
+    the same output is refused, and temp files left in the folder by killed processes (lock
+    released by the kernel, owner pid gone) are reclaimed by the next writer into that folder.
+    The header is refused up front if our own reader would refuse it (MAX_HEADER_BYTES).
     """
 
     def __init__(self, target, entries, metadata=None, overwrite=False):
@@ -551,8 +570,12 @@ class SafetensorsWriter:
             header = {"__metadata__": meta, **header}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
+        if len(blob) > MAX_HEADER_BYTES:     # never write what we would refuse to read
+            raise CheckpointError(self.target, f"the header would be {len(blob)} bytes, over the {MAX_HEADER_BYTES}-byte "
+                                               "limit that readers (this one included) accept; nothing was written")
         self.total_bytes = 8 + len(blob) + offset
         self.tmp = partial_path(self.target)
+        self.reclaimed = reclaim_temp_files(folder, self.target)
         self._f = _open_locked(self.tmp, self.target)
         self._finished = False
         self._out = _Emitter(self._f)
@@ -642,9 +665,89 @@ class SafetensorsWriter:
             self._f.close()
 
 
-def partial_path(target) -> str:
+def _name_tag(target) -> str:
+    name = os.path.basename(os.path.abspath(os.fspath(target)))
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def partial_path(target, pid: int | None = None) -> str:
+    """The temp file a writer of `target` in process `pid` (default: this one) writes to."""
     target = os.path.abspath(os.fspath(target))
-    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}{PARTIAL_SUFFIX}")
+    pid = os.getpid() if pid is None else pid
+    return os.path.join(os.path.dirname(target), f".am-{_name_tag(target)}-{pid}{PARTIAL_SUFFIX}")
+
+
+def temp_files(folder, target=None) -> list:
+    """Writer temp files in `folder` (of any process; only those of `target` when given), by path."""
+    tag = _name_tag(target) if target is not None else None
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if (m and (tag is None or m.group(1) == tag)) or (tag is None and _LEGACY_TEMP_RE.match(name)):
+            out.append(os.path.join(folder, name))
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt" or pid <= 0:   # os.kill(pid, 0) would terminate it on Windows: the lock alone decides there
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:          # exists, owned by another user
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def reclaim_temp_files(folder, target=None) -> list:
+    """Delete the writer temp files in `folder` whose owner is gone: not locked by a live writer and
+    (where the name carries one) not owned by a live process other than this one. With `target`,
+    raise OutputBusyError if another writer holds a temp file of that output. Returns the paths
+    deleted. A temp file of a live merge is never touched: its owner's pid is alive (not even
+    opened), or it holds the lock (probe fails, nothing done)."""
+    own, tag = os.getpid(), (_name_tag(target) if target is not None else None)
+    reclaimed = []
+    for path in temp_files(folder):
+        m = _TEMP_RE.match(os.path.basename(path))
+        mine = m is not None and m.group(1) == tag
+        pid = int(m.group(2)) if m else None
+        if pid == own and mine:
+            continue                      # our own temp name: _open_locked reclaims or refuses it
+        alive = pid is not None and pid != own and _pid_alive(pid)
+        if alive and not mine:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | O_BINARY)
+        except OSError:
+            continue                      # gone already, or not ours to read
+        try:
+            try:
+                _lock(fd)
+            except OSError:
+                if mine:
+                    raise OutputBusyError(target) from None
+                continue                  # a live writer holds it
+            if alive:                     # unlocked but its pid lives (reused pid?): leave it alone
+                continue
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    continue              # replaced under us: its new owner decides
+                if fcntl is None:        # Windows deletes no open file
+                    os.close(fd)
+                    fd = None
+                os.unlink(path)
+            except OSError:
+                continue
+            reclaimed.append(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return reclaimed
 
 
 def _open_locked(tmp, target):

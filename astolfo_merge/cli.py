@@ -192,15 +192,48 @@ def _load_extensions():
                 raise
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGINT / SIGHUP arrived: unwinds as a KeyboardInterrupt (not an Exception, so no
+    handler on the way wraps it; servers that stop on Ctrl-C stop on it), aborting the writer, which
+    removes its temp file; atexit hooks (the app's job manager) then run as well."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _on_stop_signal(signum, _frame):
+    for sig in STOP_SIGNALS:      # a second signal must not interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _install_stop_handlers() -> dict:
+    """Stop signals raise Interrupted in the main thread (only there can handlers be set); returns the
+    previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, _on_stop_signal) for sig in STOP_SIGNALS}
+
+
 def main(argv=None) -> int:
     _load_extensions()
     args = build_parser().parse_args(argv)
     if hasattr(signal, "SIGXFSZ"):   # a file-size limit becomes an OSError we clean up after, not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    previous = _install_stop_handlers()
     try:
         code = args.func(args) or 0
         sys.stdout.flush()   # a closed pipe shows here, not as a message from the interpreter's exit
         return code
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        print(f"interrupted by {name}; the file being written (if any) was removed, nothing half-written is left",
+              file=sys.stderr)
+        return 128 + stop.signum
     except AstolfoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +250,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _output_closed() -> int:

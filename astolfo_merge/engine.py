@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter, ensure_open_files, legacy_model_hash
+from .checkpoint import OUTPUT_DTYPES, CheckpointReader, HashCache, SafetensorsWriter, ensure_open_files, legacy_model_hash
 from .errors import Cancelled, MergeKeyError, RecipeError, check_memory_gb
+from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .strict_json import loads as strict_loads
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
-from .plan import GIB, KeyPlan, Plan
+from .plan import GIB, KeyPlan, Plan, refuse_input_as_output
 from .workers import ChunkWorkers, auto_workers
 
 # Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
@@ -320,6 +321,7 @@ def output_metadata(plan: Plan, hashes: dict) -> dict:
         if sha:
             lineage[sha] = {"name": src.name, "legacy_hash": _safe_legacy_hash(src.path),
                             "sd_merge_recipe": _json_field(src.header.metadata.get("sd_merge_recipe")) or None}
+    lineage, truncated = bound_lineage(lineage, (hashes.get(src.path) for src in plan.sources))
     webui_recipe = {"type": "astolfo_merge", "method": recipe.method, "params": recipe.params,
                     "pool": [hashes.get(plan.sources[[s.name for s in plan.sources].index(n)].path) for n in recipe.pool],
                     "recipe": recipe.to_dict()}
@@ -334,6 +336,8 @@ def output_metadata(plan: Plan, hashes: dict) -> dict:
                                    "sdxl": "stable-diffusion-xl-v1-base"}[plan.arch],
         "modelspec.prediction_type": {"epsilon": "epsilon", "v": "v", "edm-v": "v", "edm": "epsilon"}[plan.prediction],
     }
+    if truncated:
+        meta[LINEAGE_NOTE] = truncated
     return meta
 
 
@@ -373,6 +377,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     options = options or RunOptions()
     if plan.output is None:
         raise RecipeError("output", "no output file given")
+    refuse_input_as_output(plan, plan.output)
     if post_process and plan.recipe.extra.get("fermat"):
         from .rebasin.fermat import run_fermat
         return run_fermat(plan, options, progress, cancel)
@@ -480,24 +485,57 @@ def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel
                                           pool):
         for post in kp.post:
             chunk = post(chunk, start, stop)
-        if chunk.is_floating_point() and kp.action == "merge":
-            chunk = _check_finite(plan, kp, chunk, log, lambda: _nonfinite_input(plan, kp, readers, start, stop))
-        yield chunk.to(device="cpu", dtype=kp.dtype)
+        written = chunk.to(device="cpu", dtype=kp.dtype)
+        if written.is_floating_point() and kp.action in ("merge", "copy"):   # the values as written: after the cast
+            written = _check_finite(plan, kp, written, log, lambda: _nonfinite_input(plan, kp, readers, start, stop),
+                                    chunk)
+        yield written
 
 
-def _check_finite(plan, kp, chunk, log, find_culprit):
-    if all_finite(chunk):
+def written_finite(t: torch.Tensor) -> bool:
+    """NaN/Inf check of an output chunk in its output dtype. 16-bit: one sum (fast, ~5x cheaper than
+    the compute-dtype sum), and only when that sum is not finite (a NaN/Inf, or a large finite sum
+    overflowing the 16-bit result) one min/max pass, which propagates NaN and shows Inf. fp8 (no sum on
+    CPU) is widened first."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if t.dtype.itemsize == 1:
+        t = t.to(torch.float32)
+    if t.dtype in _HALF:
+        if math.isfinite(float(t.sum())):
+            return True
+        low, high = torch.aminmax(t)
+        return math.isfinite(float(low)) and math.isfinite(float(high))
+    return all_finite(t)
+
+
+def _zeroed(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.itemsize == 1:      # nan_to_num has no fp8 kernel
+        return torch.nan_to_num(t.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0).to(t.dtype)
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_finite(plan, kp, chunk, log, find_culprit, computed=None):
+    """`chunk` is what will be written (output dtype); `computed` the same values before the cast."""
+    if written_finite(chunk):
         return chunk
     policy = plan.recipe.nonfinite
-    files = [plan.sources[i].name for i in kp.pool]
+    files = [plan.sources[i].name for i in (kp.pool if kp.action == "merge" else [kp.source])]
+    overflow = computed is not None and computed.dtype != chunk.dtype and all_finite(computed)
     if policy in ("fail", "skip"):
-        culprit = find_culprit()     # methods that propagate NaN/Inf leave the input scan to here
-        if culprit is not None:
+        culprit = find_culprit() if kp.action == "merge" and not overflow else None
+        if culprit is not None:      # methods that propagate NaN/Inf leave the input scan to here
             raise NonFiniteInput(culprit)
+        if overflow:
+            name = {v: k for k, v in OUTPUT_DTYPES.items()}.get(chunk.dtype, str(chunk.dtype).replace("torch.", ""))
+            biggest = float(computed.abs().max())
+            raise MergeKeyError(kp.key, f"values up to {biggest:.4g} do not fit {name} (largest finite "
+                                f"{torch.finfo(chunk.dtype).max:.4g}) and would be written as Inf/NaN: lower the weights "
+                                "or strengths, write 'dtype': 'fp32', or set 'nonfinite' to 'zero' or 'keep'", files)
         raise MergeKeyError(kp.key, "the merge produced NaN/Inf values from finite inputs (set 'nonfinite' to "
                             "'keep' to write them, or 'zero' for the seed author's zeroing)", files)
     log.append(f"{kp.key}: non-finite values {'kept' if policy == 'keep' else 'replaced by 0'}")
-    return chunk if policy == "keep" else torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+    return chunk if policy == "keep" else _zeroed(chunk)
 
 
 def _nonfinite_input(plan, kp: KeyPlan, readers, start, stop):
@@ -509,6 +547,27 @@ def _nonfinite_input(plan, kp: KeyPlan, readers, start, stop):
     return None
 
 
+def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
+    """A copied key in row chunks that fit the chunk budget (stored, output and, with post-processing,
+    compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget."""
+    reader, stored = readers[kp.source], plan.sources[kp.source].keys[kp.key]
+    info = reader.info(stored)
+    rows = kp.shape[0] if kp.shape else 1
+    row_elems = math.prod(kp.shape[1:]) if len(kp.shape) > 1 else 1
+    same_rows = bool(kp.shape) and bool(info.shape) and info.shape[0] == rows and info.numel == math.prod(kp.shape)
+    per_row = max(1, row_elems * (info.dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)))
+    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows else rows
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        t = (reader.read_rows(stored, start, stop) if same_rows and step < rows else reader.read(stored))
+        t = t.reshape(((stop - start,) + tuple(kp.shape[1:])) if kp.shape else ())
+        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
+            raise NonFiniteInput(kp.source)
+        if kp.post and t.is_floating_point():
+            t = t.to(device=device, dtype=dtype)
+        yield start, stop, t
+
+
 def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
     """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
     rows = kp.shape[0] if kp.shape else 1
@@ -516,13 +575,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
         yield 0, rows, torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
         return
     if kp.action == "copy":
-        src = plan.sources[kp.source]
-        t = readers[kp.source].read(src.keys[kp.key]).reshape(kp.shape)
-        if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
-            raise NonFiniteInput(kp.source)
-        if kp.post and t.is_floating_point():
-            t = t.to(device=device, dtype=dtype)
-        yield 0, rows, t
+        yield from _copy_chunks(plan, kp, readers, dtype, device, chunk_bytes)
         return
     method = get_method(kp.method)
     inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method), pool,

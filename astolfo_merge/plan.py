@@ -16,10 +16,11 @@ from . import arch as archmod
 from .checkpoint import OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from .methods import get_method
-from .recipe import ComponentRule, Recipe
+from .recipe import ComponentRule, Recipe, check_block_names
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
+MAX_MARKER_BYTES = 1024 ** 2         # v_pred / ztsnr markers and schedule buffers are a few KiB at most
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Plan:
     output: str | None
     log: list = field(default_factory=list)
     component_summary: dict = field(default_factory=dict)
+    inputs: list = field(default_factory=list)    # (recipe field, path) of every file read, LoRAs included
 
     @property
     def output_bytes(self) -> int:
@@ -146,12 +148,54 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
     first = sources[index[recipe.pool[0]]]
     plan = Plan(recipe, first.identity.arch, first.identity.scale, first.identity.prediction, sources, [],
                 _output_path(recipe, models_dir, output))
+    check_block_names(recipe, plan.arch)
     rules = _component_rules(recipe)
     _plan_keys(plan, rules, index)
     if recipe.extra.get("loras"):
         from .lora import attach_loras
         attach_loras(plan, models_dir)
+    plan.inputs = _input_files(plan, models_dir)
+    refuse_input_as_output(plan, plan.output)
     return plan
+
+
+def _input_files(plan: Plan, models_dir=None) -> list:
+    """(field, path) of every file the plan reads: pool, base, component files and LoRA files."""
+    files = [(_field_of(plan.recipe, s.name), s.path) for s in plan.sources]
+    loras = plan.recipe.extra.get("loras") or []
+    if loras:
+        from .lora import find_lora
+        for i, entry in enumerate(loras):
+            if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                try:
+                    files.append((f"loras[{i}].file", find_lora(entry["file"], models_dir, f"loras[{i}].file")))
+                except (RecipeError, CheckpointError, OSError):
+                    continue
+    return files
+
+
+def refuse_input_as_output(plan: Plan, output):
+    """An output that is one of the plan's inputs (same real path, or the same file through a hard
+    link) is refused, whatever the overwrite flag: a merge never replaces what it reads."""
+    if not output:
+        return
+    real = os.path.realpath(output)
+    try:
+        st = os.stat(real)
+        ident = (st.st_dev, st.st_ino)
+    except OSError:
+        ident = None
+    for where, path in plan.inputs or _input_files(plan):
+        same = os.path.realpath(path) == real
+        if not same and ident is not None:
+            try:
+                st = os.stat(path)
+                same = (st.st_dev, st.st_ino) == ident
+            except OSError:
+                pass
+        if same:
+            raise RecipeError("output", f"{output} is also an input ({where}: {os.path.basename(path)}); "
+                                        "a merge never replaces its own input: choose another output name")
 
 
 def _field_of(recipe: Recipe, name: str) -> str:
@@ -340,6 +384,9 @@ def _plan_extras(plan: Plan, involved):
                 continue
             seen.add(key)
             info = src.header.tensors[src.keys[key]]
+            if info.nbytes > MAX_MARKER_BYTES:
+                raise CheckpointError(src.path, f"marker / schedule buffer '{src.keys[key]}' is {info.nbytes} bytes; such "
+                                                f"keys are tiny (the limit is {MAX_MARKER_BYTES}): not a real checkpoint?")
             plan.keys.append(KeyPlan(key, info.shape, info.dtype, "copy", archmod.OTHER, source=i,
                                      note="marker / schedule buffer: copied, never merged"))
     dropped = {}

@@ -6,12 +6,13 @@ resolved later by the plan (they need a models folder).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 
-from .arch import COMPONENTS
+from .arch import ARCH_TITLES, COMPONENTS, block_names
 from .errors import RecipeError
 from .methods import get_method
 from .strict_json import JSONInputError, depth as strict_depth, loads as strict_loads
@@ -116,17 +117,53 @@ def _check_method(name, params, pool_len, has_base, where):
     return resolved
 
 
-def _check_blocks(blocks, where):
+BLOCK_NAMES_HELP = "SD1/SD2: BASE, IN00-IN11, M00, OUT00-OUT11; SDXL: BASE, IN00-IN08, M00, OUT00-OUT08, VAE"
+
+
+def _check_blocks(blocks, where, method_name):
+    """block name -> value of the method's block parameter: names known to some architecture (the plan
+    checks them against the inputs' own), values finite and inside the parameter's range."""
     if blocks is None:
         return {}
     if not isinstance(blocks, dict):
         raise RecipeError(where, "must be an object of block name -> number")
+    method = get_method(method_name)
+    if blocks and not method.block_param:
+        raise RecipeError(where, f"method '{method_name}' has no parameter that block weights can override")
+    param = method.param(method.block_param) if blocks else None
+    known = set().union(*(block_names(a) for a in ARCH_TITLES))
     out = {}
     for name, value in blocks.items():
+        block = str(name).upper()
+        if block not in known:
+            raise RecipeError(f"{where}.{name}", f"unknown block ({BLOCK_NAMES_HELP})")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise RecipeError(f"{where}.{name}", f"must be a number, got {value!r}")
-        out[str(name).upper()] = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise RecipeError(f"{where}.{name}", "is far too large a number") from None
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}.{name}", f"must be finite, got {value!r}")
+        if param.minimum is not None and value < param.minimum or param.maximum is not None and value > param.maximum:
+            low, high = (f"{b:g}" if b is not None else "" for b in (param.minimum, param.maximum))
+            raise RecipeError(f"{where}.{name}", f"{value:g} is outside [{low}, {high}], the range of "
+                                                 f"{method_name}'s {param.name}")
+        if block in out:
+            raise RecipeError(f"{where}.{name}", f"block {block} is given twice")
+        out[block] = value
     return out
+
+
+def check_block_names(recipe: "Recipe", arch: str):
+    """At plan time, when the architecture is known: every block name exists in it."""
+    names = block_names(arch)
+    for where, blocks in [("blocks", recipe.blocks)] + [(f"components.{c}.blocks", r.blocks)
+                                                       for c, r in recipe.components.items()]:
+        for block in blocks or {}:
+            if block not in names:
+                raise RecipeError(f"{where}.{block}", f"{ARCH_TITLES[arch]} has no block {block} "
+                                                      f"(blocks: {', '.join(names)})")
 
 
 def check_output_name(name, where="output") -> str:
@@ -186,10 +223,8 @@ def parse_recipe(doc) -> Recipe:
     if not isinstance(params, dict):
         raise RecipeError("params", "must be an object")
     params = _check_method(method, params, len(pool), base is not None, "")
-    recipe = Recipe(pool=pool, method=method, params=params, base=base, blocks=_check_blocks(doc.get("blocks"), "blocks"))
-    block_param = get_method(method).block_param
-    if recipe.blocks and not block_param:
-        raise RecipeError("blocks", f"method '{method}' has no parameter that block weights can override")
+    recipe = Recipe(pool=pool, method=method, params=params, base=base,
+                    blocks=_check_blocks(doc.get("blocks"), "blocks", method))
     recipe.components = _parse_components(doc.get("components"), recipe)
     seed = doc.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
@@ -260,9 +295,7 @@ def _parse_components(doc, recipe: Recipe) -> dict:
             raise RecipeError(f"{where}.params", "must be an object")
         params_in = rule.get("params", recipe.params if method == recipe.method else {})
         params = _check_method(method, params_in, len(pool or recipe.pool), base is not None, f"{where}.")
-        blocks = _check_blocks(rule.get("blocks"), f"{where}.blocks")
-        if blocks and not get_method(method).block_param:
-            raise RecipeError(f"{where}.blocks", f"method '{method}' has no parameter that block weights can override")
+        blocks = _check_blocks(rule.get("blocks"), f"{where}.blocks", method)
         out[name] = ComponentRule(method=method, params=params, pool=pool, base=rule.get("base"), blocks=blocks or None)
     return out
 

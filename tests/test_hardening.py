@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from astolfo_merge.checkpoint import OutputBusyError, SafetensorsWriter, partial_path, read_header, save_file
+from astolfo_merge.checkpoint import OutputBusyError, SafetensorsWriter, partial_path, read_header, save_file, temp_files
 from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import ArchitectureError, CheckpointError, MergeKeyError
 from astolfo_merge.plan import build_plan
@@ -47,7 +47,7 @@ def test_nan_in_an_input_fails_by_default_naming_file_and_key(models, make_check
     with pytest.raises(MergeKeyError) as err:
         run_merge(plan, OPTS)
     assert err.value.key == NAN_KEY and "nan.safetensors" in str(err.value)
-    assert not (models / "o.safetensors").exists() and not os.path.exists(partial_path(models / "o.safetensors"))
+    assert not (models / "o.safetensors").exists() and not temp_files(models)
 
 
 def test_nan_policy_skip_leaves_that_input_out_of_that_key_only(models, make_checkpoint):
@@ -137,7 +137,7 @@ def test_an_exception_in_a_method_leaves_no_output_and_inputs_unchanged(models):
         with pytest.raises(MergeKeyError, match="boom"):
             run_merge(plan, OPTS)
         assert {f: sha(models / f) for f in listing(models)} == before
-        assert not os.path.exists(partial_path(models / "o.safetensors"))
+        assert not temp_files(models)
     finally:
         del METHODS["test_explode"]
 
@@ -151,7 +151,7 @@ def test_existing_output_survives_a_failed_overwrite(models):
     with pytest.raises(Exception):
         run_merge(plan, RunOptions(hash_inputs=False, overwrite=True), progress=lambda p: p.keys_done > 50 and cancel.set(), cancel=cancel)
     assert target.read_bytes() == b"previous model"
-    assert listing(models).count("o.safetensors") == 1 and not os.path.exists(partial_path(target))
+    assert listing(models).count("o.safetensors") == 1 and not temp_files(models)
 
 
 def test_a_second_writer_of_the_same_output_is_refused(tmp_path):
@@ -189,14 +189,14 @@ def test_disk_full_is_reported_and_leaves_nothing(models, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "File too large" in err and "Traceback" not in err
     assert {f: sha(models / f) for f in listing(models)} == before
-    assert not (models / "o.safetensors").exists() and not os.path.exists(partial_path(models / "o.safetensors"))
+    assert not (models / "o.safetensors").exists() and not temp_files(models)
 
 
 def test_kill_9_while_writing_leaves_no_output_and_the_next_run_reclaims_the_temp_file(models, tmp_path):
     before = {f: sha(models / f) for f in listing(models)}
     proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
                 env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
-    tmp = partial_path(models / "o.safetensors")
+    tmp = partial_path(models / "o.safetensors", proc.pid)
     deadline = time.time() + 60
     while not (os.path.exists(tmp) and os.path.getsize(tmp) > 100_000) and time.time() < deadline:
         time.sleep(0.02)
@@ -207,4 +207,4 @@ def test_kill_9_while_writing_leaves_no_output_and_the_next_run_reclaims_the_tem
     proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work")
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert (models / "o.safetensors").exists() and not os.path.exists(tmp)
+    assert (models / "o.safetensors").exists() and not os.path.exists(tmp) and not temp_files(models)

@@ -43,6 +43,9 @@ class Param:
                 return None
             if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
                 raise RecipeError(field_name, f"must be a list of numbers, got {value!r}")
+            for i, v in enumerate(value):
+                if not _finite(v):
+                    raise RecipeError(f"{field_name}[{i}]", f"must be a finite number, got {v!r}")
             for v in value:
                 self._check_range(float(v), field_name)
             return [float(v) for v in value]
@@ -72,6 +75,13 @@ class Param:
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:     # an integer too large for a float
+        return False
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from .. import arch as archmod
 from ..checkpoint import CheckpointReader
 from ..engine import MergeResult, Progress, RunOptions, run_merge
 from ..errors import OutputExistsError, RecipeError
-from ..plan import KeyPlan, Plan
+from ..plan import KeyPlan, Plan, refuse_input_as_output
 from .matching import weight_matching
 from .spec import apply_index, build_spec
 
@@ -93,6 +93,7 @@ def run_fermat(plan: Plan, options: RunOptions, progress=None, cancel=None) -> M
         raise RecipeError("fermat", "the recipe merges no UNet key (is components.unet a 'take'?)")
     outputs = [plan.output] + [side_path(plan.output, t) for t, keep in (("a", opts.keep_a), ("b", opts.keep_b)) if keep]
     for path in outputs:
+        refuse_input_as_output(plan, path)
         if os.path.exists(path) and not options.overwrite:
             raise OutputExistsError(path)
     plain = dataclasses.replace(plan.recipe, extra={k: v for k, v in plan.recipe.extra.items() if k != "fermat"})
