@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .arch import COMPONENTS
 from .errors import RecipeError
 from .methods import get_method
+from .paths import read_recipe_text
 
 RECIPE_VERSION = 1
 PRECISIONS = ("fp32", "fp64")
@@ -241,12 +242,8 @@ def _parse_components(doc, recipe: Recipe) -> dict:
 
 
 def load_recipe(path) -> Recipe:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise RecipeError("(file)", f"cannot read {path}: {exc.strerror}") from None
-    return parse_recipe(text)
+    """A recipe file (CLI and tab alike): read with bounds by paths.read_recipe_text, then validated."""
+    return parse_recipe(read_recipe_text(path))
 
 
 def recipe_from_metadata(metadata: dict) -> Recipe:
