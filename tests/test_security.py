@@ -119,7 +119,7 @@ def no_cors(response):
 
 def ws_handshake(port, origin=None, host=None) -> str:
     """Status line of a WebSocket handshake on gradio's queue (3.x /queue/join)."""
-    lines = [f"GET /queue/join HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
+    lines = ["GET /queue/join HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", "Upgrade: websocket",
              "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
     if origin:
         lines.append(f"Origin: {origin}")
