@@ -14,6 +14,7 @@ import gradio as gr
 
 from .analysis import COMPONENT_LABELS, analyze, plot
 from .errors import AstolfoError, RecipeError
+from .paths import app_files_dir
 from .ui_compat import listen, make
 from .ui_tasks import NONE, error_text, run_in_thread
 
@@ -24,7 +25,7 @@ class AnalysisPanel:
 
     def __init__(self, host):
         self.host = host
-        self.plot_dir = tempfile.mkdtemp(prefix="astolfo-analysis-")
+        self.plot_dir = tempfile.mkdtemp(prefix="analysis-", dir=app_files_dir())   # the app serves files only from there
 
     def names(self, with_none=False) -> list:
         return ([NONE] if with_none else []) + [name for name, _path in self.host.named_checkpoints()]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .arch import ARCH_TITLES, COMPONENTS, block_names
 from .errors import RecipeError
 from .methods import get_method
+from .paths import read_recipe_text
 from .strict_json import JSONInputError, depth as strict_depth, loads as strict_loads
 
 RECIPE_VERSION = 1
@@ -301,12 +302,8 @@ def _parse_components(doc, recipe: Recipe) -> dict:
 
 
 def load_recipe(path) -> Recipe:
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as exc:
-        raise RecipeError("(file)", f"cannot read {path}: {exc.strerror}") from None
-    return _parse_from(text, "(file)", path)
+    """A recipe file (CLI and tab alike): read with bounds by paths.read_recipe_text, then validated."""
+    return _parse_from(read_recipe_text(path), "(file)", path)
 
 
 def recipe_from_metadata(metadata: dict, source=None) -> Recipe:

@@ -16,6 +16,7 @@ import threading
 from . import jobs
 from .errors import RecipeError
 from .methods import get_method
+from .paths import Folders, confine_recipe
 from .plan import build_plan
 from .recipe import Recipe, load_recipe, parse_recipe
 
@@ -81,16 +82,19 @@ def recipe_files(host) -> list:
 
 
 def load_named_recipe(host, name: str) -> Recipe:
-    path = name if os.path.isabs(name) else os.path.join(host.recipes_dir(), name)
-    if not os.path.isfile(path) and not name.lower().endswith(".json"):
-        path += ".json"
-    if not os.path.isfile(path):
+    """A recipe file of the recipes folder ("x" finds x.json); names outside it are refused."""
+    folders = Folders(host)
+    path = folders.recipe(name, "(XYZ recipe)")
+    if not os.path.lexists(path) and not name.lower().endswith(".json"):
+        path = folders.recipe(name + ".json", "(XYZ recipe)")
+    if not os.path.lexists(path):
         raise RecipeError("(XYZ recipe)", f"recipe file {name!r} not found in {host.recipes_dir()}")
     return load_recipe(path)
 
 
 def check(host, recipe: Recipe):
     """Resolve every file of `recipe` now (the grid should fail before its first image)."""
+    confine_recipe(host, recipe)
     build_plan(recipe, host.models_dir(), None)
 
 
@@ -103,6 +107,7 @@ def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
         if os.path.isfile(path):
             return path, False
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        confine_recipe(host, recipe, path)
         plan = build_plan(recipe, host.models_dir(), path)
         job = jobs.manager(host.key).submit(plan, host.run_options(), title=f"XYZ cell: {recipe.output}",
                                             on_done=on_done, queue=True)

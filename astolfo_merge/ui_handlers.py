@@ -15,6 +15,7 @@ import gradio as gr
 from . import jobs, trials
 from .checkpoint import read_header
 from .errors import AstolfoError, OutputExistsError, RecipeError
+from .paths import check_recipe_size, confine_recipe, recipe_path
 from .plan import GIB
 from .recipe import load_recipe, parse_recipe, recipe_from_metadata
 from .ui_catalog import format_size, guess_base, pool_arch
@@ -276,6 +277,7 @@ class TabHandlers:
     def prepare(self, values):
         form_values, run = self.split_run(values)
         recipe = self.form_recipe(form_values)
+        confine_recipe(self.host, recipe)   # names from the page: only files inside the host's folders
         plan = self.host.plan(recipe)
         options = self.host.run_options(**run)
         return recipe, plan, options
@@ -379,13 +381,12 @@ class TabHandlers:
         outputs_unchanged = (gr.update(), gr.update(), gr.update())
         try:
             recipe = self.form_recipe(values)
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", (name or "").strip()).strip("._") or \
+                re.sub(r"\.safetensors$", "", recipe.output or "recipe")
+            path = recipe_path(self.host, stem if stem.lower().endswith(".json") else f"{stem}.json", "Save as")
         except AstolfoError as exc:
             return (self.error_text(exc),) + outputs_unchanged
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", (name or "").strip()).strip("._") or \
-            re.sub(r"\.safetensors$", "", recipe.output or "recipe")
-        folder = self.recipes_dir()
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, stem if stem.lower().endswith(".json") else f"{stem}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             f.write(recipe.to_json())
         return (f"Recipe saved: `{path}`", recipe.to_json(), path,
@@ -395,7 +396,7 @@ class TabHandlers:
         if not name:
             return self.load_failed(RecipeError("(recipe)", "pick a saved recipe first"))
         try:
-            recipe = load_recipe(os.path.join(self.recipes_dir(), name))
+            recipe = load_recipe(recipe_path(self.host, name))
         except AstolfoError as exc:
             return self.load_failed(exc)
         return self.apply_recipe(recipe, filter_text, f"Loaded recipe `{name}`.")
@@ -405,6 +406,7 @@ class TabHandlers:
         if raw is None:
             return fill(self.load_recipe_outputs(), {})
         try:
+            check_recipe_size(len(raw), "the uploaded recipe")
             recipe = parse_recipe(raw.decode("utf-8", errors="replace"))
         except AstolfoError as exc:
             return self.load_failed(exc)

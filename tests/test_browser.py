@@ -12,14 +12,13 @@ import pathlib
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from astolfo_merge.checkpoint import read_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress
+from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress, wait_http
 ARTIFACTS = ROOT / "test-artifacts"
 SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds)
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
@@ -28,20 +27,6 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
 ]
-
-
-def wait_http(url, proc, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer in {timeout} s")
 
 
 @pytest.fixture

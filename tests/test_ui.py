@@ -210,7 +210,7 @@ def run_app_command(monkeypatch, argv):
     """`python -m astolfo_merge app ...` up to the point where it would serve (launch recorded, not run)."""
     from astolfo_merge import cli, demo
     served, demo_folders = [], []
-    monkeypatch.setattr("astolfo_merge.ui_compat.launch", lambda page, **options: served.append((page, options)))
+    monkeypatch.setattr("astolfo_merge.app_server.serve", lambda page, **options: served.append((page, options)))
     monkeypatch.setattr("astolfo_merge.ui_compat.enable_queue", lambda page, workers=8: page)
     monkeypatch.setattr(demo, "write_demo_models", lambda folder, **kw: demo_folders.append(folder) or [])
     monkeypatch.setattr("astolfo_merge.app.signal.signal", lambda *a: None)
