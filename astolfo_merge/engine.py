@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
+from .checkpoint import (CheckpointReader, FP8_DTYPES, HashCache, OUTPUT_DTYPES, SafetensorsWriter, cast_output,
+                         fp8_out_of_range, legacy_model_hash)
 from .errors import Cancelled, MergeKeyError, RecipeError
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
@@ -35,7 +36,7 @@ CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measur
 CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
 MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
 RELEASE_BYTES = 16 << 20            # mapped input pages are unmapped behind the reads every 16 MiB per model
-_HALF = (torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16) + FP8_DTYPES   # stored types widened exactly through fp32
 
 
 @dataclass
@@ -477,7 +478,29 @@ def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel
             chunk = post(chunk, start, stop)
         if chunk.is_floating_point() and kp.action == "merge":
             chunk = _check_finite(plan, kp, chunk, log, lambda: _nonfinite_input(plan, kp, readers, start, stop))
-        yield chunk.to(device="cpu", dtype=kp.dtype)
+        yield _to_output(plan, kp, chunk, log)
+
+
+def _to_output(plan, kp: KeyPlan, chunk, log):
+    """The chunk in the key's output dtype. fp8 is rounded once (`cast_output`), and values beyond its
+    range count as non-finite outputs: 'fail' / 'skip' stop with an error, 'keep' writes torch's cast
+    (e4m3fn saturates to +-448, e5m2 overflows to +-inf), 'zero' writes 0."""
+    if kp.dtype not in FP8_DTYPES or not chunk.is_floating_point():
+        return chunk.to(device="cpu", dtype=kp.dtype)
+    beyond = fp8_out_of_range(chunk, kp.dtype)
+    if bool(beyond.any()):
+        name = next(n for n, d in OUTPUT_DTYPES.items() if d == kp.dtype)
+        count, policy = int(beyond.sum()), plan.recipe.nonfinite
+        if policy in ("fail", "skip"):
+            files = [plan.sources[i].name for i in (kp.pool or [kp.source])]
+            raise MergeKeyError(kp.key, f"{count} value(s) lie beyond the range of {name} (largest "
+                                f"{torch.finfo(kp.dtype).max:g}); save this component in a wider dtype, or set "
+                                "'nonfinite' to 'keep' (saturate / inf) or 'zero'", files)
+        log.append(f"{kp.key}: {count} value(s) beyond the {name} range "
+                   f"{'written as torch casts them' if policy == 'keep' else 'replaced by 0'}")
+        if policy == "zero":
+            chunk = chunk.masked_fill(beyond, 0.0)
+    return cast_output(chunk, kp.dtype)
 
 
 def _check_finite(plan, kp, chunk, log, find_culprit):
