@@ -64,7 +64,15 @@ DTYPES = {  # safetensors name -> (torch dtype, itemsize)
 NAME_OF = {t: n for n, (t, _s) in DTYPES.items()}
 FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16,
                 torch.float8_e4m3fn, torch.float8_e5m2}
-OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+OUTPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64,
+                 "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# Dtype names of quantized formats we do not read, with what they are (safetensors names them so).
+QUANTIZED_DTYPE_NAMES = {
+    "F4": "4-bit float (FP4 / NVFP4 packed weights)", "F6_E2M3": "6-bit float (FP6)", "F6_E3M2": "6-bit float (FP6)",
+    "F8_E8M0": "exponent-only block scales (MXFP8 / MXFP4)", "F8_E4M3FNUZ": "AMD fp8 variant e4m3fnuz",
+    "F8_E5M2FNUZ": "AMD fp8 variant e5m2fnuz",
+}
 
 
 @dataclass(frozen=True)
@@ -96,10 +104,15 @@ class Header:
     file_size: int = 0
     format: str = "safetensors"
     warnings: list = field(default_factory=list)
+    # fp8_scaled files (ComfyUI): weight key -> its scale key (value = weight x scale), and the scale /
+    # marker keys themselves, which are no model weights (left out of `shapes`, so of identification).
+    scales: dict = field(default_factory=dict)
+    aux: frozenset = frozenset()
+    quantization: str | None = None     # a short description ("fp8_scaled (ComfyUI)") or None
 
     @property
     def shapes(self) -> dict:
-        return {k: v.shape for k, v in self.tensors.items()}
+        return {k: v.shape for k, v in self.tensors.items() if k not in self.aux}
 
 
 def is_checkpoint_name(name: str) -> bool:
@@ -135,6 +148,7 @@ def _file_kind(mode) -> str:
 def read_header(path) -> Header:
     """Header only: names, dtypes, shapes, offsets and metadata. Cheap for any file size."""
     path = check_file(path)
+    _refuse_gguf(path)
     if not path.lower().endswith(".safetensors"):
         return _legacy_header(path)
     size = os.path.getsize(path)
@@ -160,7 +174,7 @@ def read_header(path) -> Header:
     data_start, data_len = 8 + n, size - 8 - n
     tensors = {key: _parse_entry(path, key, entry, data_len) for key, entry in doc.items()}
     _check_layout(path, tensors, data_len)
-    return Header(path, tensors, metadata, data_start, size)
+    return describe_quantization(Header(path, tensors, metadata, data_start, size))
 
 
 def _check_layout(path, tensors: dict, data_len: int):
@@ -185,7 +199,7 @@ def _parse_entry(path, key, entry, data_len) -> TensorInfo:
         raise CheckpointError(path, f"tensor '{key}': header entry is not an object")
     dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype_name not in DTYPES:
-        raise CheckpointError(path, f"tensor '{key}': unsupported dtype {_short(dtype_name)}")
+        raise CheckpointError(path, _dtype_problem(key, dtype_name))
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(path, f"tensor '{key}': shape {_short(shape)} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2
@@ -274,15 +288,140 @@ def _pickle_globals(path):
 def _legacy_header(path) -> Header:
     sd = _legacy_state_dict(path)
     tensors = {k: TensorInfo(v.dtype, tuple(v.shape)) for k, v in sd.items()}
-    return Header(path, tensors, {}, 0, os.path.getsize(path), format="ckpt")
+    return describe_quantization(Header(path, tensors, {}, 0, os.path.getsize(path), format="ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized files. fp8 (F8_E4M3 / F8_E5M2) is a plain dtype, widened exactly. ComfyUI's "fp8_scaled"
+# files store chosen weights as fp8 plus a scale per weight: the old form (`<layer>.scale_weight`,
+# `<layer>.scale_input`, a `<model prefix>scaled_fp8` marker whose dtype names the fp8 type) and the
+# newer mixed-precision form (`<layer>.weight_scale`, `<layer>.input_scale`, `<layer>.comfy_quant` or
+# a `_quantization_metadata` metadata entry). Their value is weight x scale; the scale and marker
+# keys are no model weights. Other quantized formats (GGUF, NVFP4, MXFP, int8, bitsandbytes) are
+# refused by name.
+
+GGUF_MAGIC = b"GGUF"
+SCALED_FP8_MARKER = "scaled_fp8"
+WEIGHT_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")        # per weight: old and new ComfyUI names
+AUX_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")   # activation scales and per-layer tags
+FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")                    # ComfyUI's names of the formats we read
+_CONVERT = "convert it to an fp16 / bf16 / fp8 safetensors checkpoint first"
+_BNB_SUFFIXES = (".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4", ".SCB")
+
+
+def _refuse_gguf(path):
+    with open(path, "rb") as f:
+        if f.read(4) == GGUF_MAGIC:
+            raise CheckpointError(path, "GGUF quantized checkpoints are not supported; convert to safetensors first")
+
+
+def _dtype_problem(key, name) -> str:
+    what = QUANTIZED_DTYPE_NAMES.get(name) if isinstance(name, str) else None
+    if what:
+        return f"tensor '{key}': dtype {name!r} ({what}) is a quantized format that is not supported; {_CONVERT}"
+    return f"tensor '{key}': unsupported dtype {_short(name)}"
+
+
+def describe_quantization(hdr: Header) -> Header:
+    """Fill `hdr.scales` / `hdr.aux` for fp8_scaled files; refuse quantized formats we cannot read."""
+    path, tensors = hdr.path, hdr.tensors
+    _refuse_other_quantization(hdr)
+    scales, aux = {}, set()
+    for key in tensors:
+        if key == SCALED_FP8_MARKER or key.endswith("." + SCALED_FP8_MARKER) or key.endswith(AUX_SUFFIXES):
+            aux.add(key)
+        elif key.endswith(WEIGHT_SCALE_SUFFIXES):
+            aux.add(key)
+            weight = key[:key.rindex(".")] + ".weight"
+            if weight in tensors:
+                scales[weight] = key
+    for weight, scale in scales.items():
+        _check_scaled(path, weight, tensors[weight], scale, tensors[scale])
+    if aux:
+        hdr.scales, hdr.aux = scales, frozenset(aux)
+        hdr.quantization = f"fp8_scaled (ComfyUI): {len(scales)} weight(s) stored as fp8 x scale"
+    return hdr
+
+
+def _refuse_other_quantization(hdr: Header):
+    path, keys = hdr.path, hdr.tensors
+    nvfp4 = next((k for k in keys if k.endswith(".weight_scale_2")), None)
+    if nvfp4:
+        raise CheckpointError(path, f"NVFP4 quantized checkpoints are not supported (key '{nvfp4}'); {_CONVERT}")
+    bnb = next((k for k in keys if k.endswith(_BNB_SUFFIXES)), None)
+    if bnb:
+        raise CheckpointError(path, f"bitsandbytes (NF4 / FP4 / int8) quantized checkpoints are not supported "
+                              f"(key '{bnb}'); {_CONVERT}")
+    raw = hdr.metadata.get("_quantization_metadata")
+    if raw is None:
+        return
+    try:
+        layers = json.loads(raw)["layers"] if isinstance(raw, str) else raw["layers"]
+        formats = {(v.get("format") if isinstance(v, dict) else v) for v in layers.values()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise CheckpointError(path, "metadata '_quantization_metadata' is not the ComfyUI layer table "
+                              "({\"layers\": {layer: {\"format\": ...}}}); cannot tell how its weights are stored") from None
+    unknown = sorted(str(f) for f in formats - set(FP8_FORMATS))
+    if unknown:
+        name = "NVFP4" if "nvfp4" in unknown else f"'{unknown[0]}'"
+        raise CheckpointError(path, f"{name} quantized checkpoints are not supported (metadata '_quantization_metadata' "
+                              f"names the format(s) {', '.join(unknown)}; only {' / '.join(FP8_FORMATS)} are read); {_CONVERT}")
+
+
+def _check_scaled(path, weight, info: TensorInfo, scale_key, scale: TensorInfo):
+    if info.dtype not in FP8_DTYPES:
+        kind = {torch.uint8: "packed 4-bit (NVFP4 / FP4)", torch.int8: "int8"}.get(info.dtype, NAME_OF[info.dtype])
+        raise CheckpointError(path, f"tensor '{weight}' is stored as {NAME_OF[info.dtype]} with a scale ('{scale_key}'): "
+                              f"{kind} quantized weights are not supported (only fp8 x scale); {_CONVERT}")
+    if scale.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise CheckpointError(path, f"scale '{scale_key}' is stored as {NAME_OF[scale.dtype]}: block-scaled formats "
+                              f"(NVFP4 / MXFP) are not supported, only an fp32/fp16/bf16 scale per weight or row; {_CONVERT}")
+    rows = info.shape[0] if info.shape else 1
+    per_row = scale.numel == rows and scale.numel > 1 and len(scale.shape) >= 1 and scale.shape[0] == rows \
+        and math.prod(scale.shape[1:]) == 1
+    if scale.numel != 1 and not per_row:
+        raise CheckpointError(path, f"scale '{scale_key}' has shape {list(scale.shape)} for weight shape {list(info.shape)}: "
+                              f"only one scale per weight or per output row is supported (block-wise scales are not); {_CONVERT}")
+
+
+def fp8_out_of_range(t: torch.Tensor, dtype) -> torch.Tensor:
+    """Mask of the finite values of `t` whose round-to-nearest-even value lies beyond `dtype`'s largest
+    finite value: |x| > 464 for e4m3fn (448 is the largest, the tie at 464 goes to 448), |x| >= 61440
+    for e5m2 (57344 is the largest, the tie goes to the even 65536, i.e. inf)."""
+    limit = {torch.float8_e4m3fn: 464.0, torch.float8_e5m2: 61440.0}[dtype]
+    size = t.abs()
+    beyond = size >= limit if dtype == torch.float8_e5m2 else size > limit
+    return beyond & torch.isfinite(t)
+
+
+def cast_output(t: torch.Tensor, dtype) -> torch.Tensor:
+    """`t` on the CPU in the output `dtype`. fp64 -> fp8 rounds once, to nearest-even: torch's own cast
+    goes through fp32 and so rounds twice; here the fp32 step rounds to odd instead, which makes the
+    second rounding give the directly rounded value (fp32 keeps 20 more bits than fp8). Beyond fp8's
+    range torch saturates e4m3fn to +-448 (infinities included) and overflows e5m2 to +-inf."""
+    if dtype in FP8_DTYPES and t.dtype == torch.float64:
+        t = _fp32_round_to_odd(t.cpu())
+    return t.to(device="cpu", dtype=dtype)
+
+
+def _fp32_round_to_odd(t: torch.Tensor) -> torch.Tensor:
+    near = t.to(torch.float32)
+    wide = near.to(torch.float64)
+    inexact = wide != t                                       # NaN too: its payload stays a NaN
+    toward_zero = torch.where(wide.abs() > t.abs(), torch.nextafter(near, torch.zeros_like(near)), near)
+    bits = toward_zero.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32)
 
 
 class CheckpointReader:
     """Reads whole tensors or row ranges of one checkpoint into fresh memory, or views them in place."""
 
-    def __init__(self, path, header: Header | None = None):
+    def __init__(self, path, header: Header | None = None, dequantize: bool = True):
         self.header = header or read_header(path)
         self.path = self.header.path
+        # fp8_scaled weights read as weight x scale (fp64); dequantize=False reads the stored values
+        self.dequantize = dequantize and bool(self.header.scales)
+        self._scale_values = {}
         self._fd = None
         self._legacy = None
         self._map = self._bytes = None
@@ -319,8 +458,8 @@ class CheckpointReader:
     def read(self, key) -> torch.Tensor:
         info = self.info(key)
         if self._legacy is not None:
-            return self._legacy[key].clone()
-        return self._pread(info, info.begin, info.end).reshape(info.shape)
+            return self._scaled(key, self._legacy[key].clone(), 0, None)
+        return self._scaled(key, self._pread(info, info.begin, info.end).reshape(info.shape), 0, None)
 
     def read_rows(self, key, start: int, stop: int, scratch: np.ndarray | None = None) -> torch.Tensor:
         """Rows [start, stop) along dim 0 (a 0-/1-element tensor counts as one row).
@@ -332,17 +471,17 @@ class CheckpointReader:
         if len(info.shape) == 0:
             return self.read(key)
         if self._legacy is not None:
-            return self._legacy[key][start:stop].clone()
+            return self._scaled(key, self._legacy[key][start:stop].clone(), start, stop)
         begin, end = self._row_bytes(info, start, stop)
         flat = self._pread(info, begin, end, scratch)
-        return flat.reshape((stop - start,) + tuple(info.shape[1:]))
+        return self._scaled(key, flat.reshape((stop - start,) + tuple(info.shape[1:])), start, stop)
 
     def view_rows(self, key, start: int, stop: int) -> torch.Tensor | None:
         """Rows [start, stop) as a zero-copy view of the file's pages, in the stored dtype; None where
         that is not possible (legacy file, scalar, data not aligned to the dtype). READ-ONLY: the
         pages are mapped read-only, so writing into the view crashes; convert or copy first."""
         info = self.info(key)
-        if self._fd is None or not info.shape or info.nbytes == 0:
+        if self._fd is None or not info.shape or info.nbytes == 0 or (self.dequantize and key in self.header.scales):
             return None
         self.check_size()
         begin, end = (self.header.data_start + at for at in self._row_bytes(info, start, stop))
@@ -375,6 +514,19 @@ class CheckpointReader:
             raise CheckpointError(self.path, f"changed while being read: it is now {size} bytes, it was "
                                              f"{self.header.file_size} when the merge started (replaced or truncated "
                                              "in place?); nothing was written")
+
+    def _scaled(self, key, t: torch.Tensor, start: int, stop: int | None) -> torch.Tensor:
+        """An fp8_scaled weight's rows times their scale, in fp64: exact (an fp8 value has at most 4
+        significant bits, an fp32/fp16/bf16 scale at most 24). Other tensors as stored."""
+        if not self.dequantize or key not in self.header.scales:
+            return t
+        scale = self._scale_values.get(key)
+        if scale is None:
+            scale = self._scale_values[key] = self.read(self.header.scales[key]).reshape(-1).to(torch.float64)
+        out = t.to(torch.float64)
+        if scale.numel() == 1:
+            return out.mul_(scale[0])
+        return out.mul_(scale[start:stop].reshape((-1,) + (1,) * (out.dim() - 1)))
 
     def _mapped(self) -> torch.Tensor:
         if self._bytes is None:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import OUTPUT_DTYPES, CheckpointReader, HashCache, SafetensorsWriter, ensure_open_files, legacy_model_hash
+from .checkpoint import (FP8_DTYPES, OUTPUT_DTYPES, CheckpointReader, HashCache, SafetensorsWriter, cast_output,
+                         ensure_open_files, fp8_out_of_range, legacy_model_hash)
 from .errors import Cancelled, MergeKeyError, RecipeError, check_memory_gb
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .strict_json import loads as strict_loads
@@ -37,7 +38,7 @@ CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measur
 CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
 MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
 RELEASE_BYTES = 16 << 20            # mapped input pages are unmapped behind the reads every 16 MiB per model
-_HALF = (torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16) + FP8_DTYPES   # stored types widened exactly through fp32
 
 
 @dataclass
@@ -485,11 +486,33 @@ def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel
                                           pool):
         for post in kp.post:
             chunk = post(chunk, start, stop)
-        written = chunk.to(device="cpu", dtype=kp.dtype)
+        written = _to_output(plan, kp, chunk, log)   # fp8: range policy, rounded once
         if written.is_floating_point() and kp.action in ("merge", "copy"):   # the values as written: after the cast
             written = _check_finite(plan, kp, written, log, lambda: _nonfinite_input(plan, kp, readers, start, stop),
                                     chunk)
         yield written
+
+
+def _to_output(plan, kp: KeyPlan, chunk, log):
+    """The chunk in the key's output dtype. fp8 is rounded once (`cast_output`), and values beyond its
+    range count as non-finite outputs: 'fail' / 'skip' stop with an error, 'keep' writes torch's cast
+    (e4m3fn saturates to +-448, e5m2 overflows to +-inf), 'zero' writes 0."""
+    if kp.dtype not in FP8_DTYPES or not chunk.is_floating_point():
+        return chunk.to(device="cpu", dtype=kp.dtype)
+    beyond = fp8_out_of_range(chunk, kp.dtype)
+    if bool(beyond.any()):
+        name = next(n for n, d in OUTPUT_DTYPES.items() if d == kp.dtype)
+        count, policy = int(beyond.sum()), plan.recipe.nonfinite
+        if policy in ("fail", "skip"):
+            files = [plan.sources[i].name for i in (kp.pool or [kp.source])]
+            raise MergeKeyError(kp.key, f"{count} value(s) lie beyond the range of {name} (largest "
+                                f"{torch.finfo(kp.dtype).max:g}); save this component in a wider dtype, or set "
+                                "'nonfinite' to 'keep' (saturate / inf) or 'zero'", files)
+        log.append(f"{kp.key}: {count} value(s) beyond the {name} range "
+                   f"{'written as torch casts them' if policy == 'keep' else 'replaced by 0'}")
+        if policy == "zero":
+            chunk = chunk.masked_fill(beyond, 0.0)
+    return cast_output(chunk, kp.dtype)
 
 
 def written_finite(t: torch.Tensor) -> bool:
@@ -517,7 +540,8 @@ def _zeroed(t: torch.Tensor) -> torch.Tensor:
 
 def _check_finite(plan, kp, chunk, log, find_culprit, computed=None):
     """`chunk` is what will be written (output dtype); `computed` the same values before the cast."""
-    if written_finite(chunk):
+    saturated = chunk.dtype == torch.float8_e4m3fn and computed is not None and not all_finite(computed)
+    if written_finite(chunk) and not saturated:   # e4m3fn has no Inf: the cast saturates an Inf to 448
         return chunk
     policy = plan.recipe.nonfinite
     files = [plan.sources[i].name for i in (kp.pool if kp.action == "merge" else [kp.source])]

@@ -150,6 +150,7 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
                 _output_path(recipe, models_dir, output))
     check_block_names(recipe, plan.arch)
     rules = _component_rules(recipe)
+    _log_quantized(plan)
     _plan_keys(plan, rules, index)
     if recipe.extra.get("loras"):
         from .lora import attach_loras
@@ -270,8 +271,8 @@ def _component_rules(recipe: Recipe) -> dict:
     return rules
 
 
-def _out_dtype(recipe, info_dtype, is_float):
-    return OUTPUT_DTYPES[recipe.dtype] if is_float else info_dtype
+def _out_dtype(recipe, info_dtype, is_float, component):
+    return OUTPUT_DTYPES[recipe.dtype_of(component)] if is_float else info_dtype
 
 
 def _plan_keys(plan: Plan, rules: dict, index: dict):
@@ -319,7 +320,7 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
             plan.log.append(f"{key}: {name} lacks it; taken from {sources[fallback].name}")
             i = fallback
         info = stored_info(i)
-        return KeyPlan(key, spec.shape, _out_dtype(recipe, info.dtype, info.is_float), "copy", comp,
+        return KeyPlan(key, spec.shape, _out_dtype(recipe, info.dtype, info.is_float, comp), "copy", comp,
                        source=i, reshape_from=_reshape(sources[i], key, spec))
     method = get_method(rule.method)
     base = index[rule.base] if rule.base else None
@@ -337,7 +338,7 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
     _log_contributors(plan, key, len(rule.pool), stand_in, without, sources[base].name if base is not None else None)
     first = pool[0] if pool else next(i for i, s in enumerate(sources) if s.has(key))
     info = stored_info(first)
-    out_dtype = _out_dtype(recipe, info.dtype, info.is_float)
+    out_dtype = _out_dtype(recipe, info.dtype, info.is_float, comp)
     block = archmod.block_of(key, plan.arch)
     if not info.is_float:
         return KeyPlan(key, spec.shape, out_dtype, "copy", comp, source=first, note="integer tensor: never merged")
@@ -396,3 +397,11 @@ def _plan_extras(plan: Plan, involved):
                 dropped.setdefault(kind, []).append(f"{src.name}: {len(keys)}")
     for kind, items in dropped.items():
         plan.log.append(f"dropped {kind} keys ({'; '.join(items)})")
+
+
+def _log_quantized(plan: Plan):
+    """fp8_scaled inputs: their weights are read as weight x scale; scale and marker keys are not written."""
+    for src in plan.sources:
+        if src.header.quantization:
+            plan.log.append(f"{src.name}: {src.header.quantization}, read as weight x scale; its "
+                            f"{len(src.header.aux)} scale / marker key(s) are not written")

@@ -22,7 +22,8 @@ RECIPE_VERSION = 1
 MAX_RECIPE_DEPTH = 16     # the deepest field is loras[i].blocks.NAME (4 levels)
 MAX_RECIPE_DIGITS = 30    # seeds are below 2**63 (19 digits)
 PRECISIONS = ("fp32", "fp64")
-OUTPUT_DTYPES = ("fp16", "bf16", "fp32")
+OUTPUT_DTYPES = ("fp16", "bf16", "fp32", "fp8_e4m3fn", "fp8_e5m2")
+DEFAULT_DTYPE = "fp16"   # also what a per-component dtype object gives the components it does not name
 NONFINITE = ("fail", "skip", "keep", "zero")  # inputs: fail / skip that input for that key / keep; zero = nan_to_num outputs
 TOP_FIELDS = {"version", "pool", "base", "method", "params", "blocks", "components", "seed", "precision",
               "dtype", "output", "allow_mixed_prediction", "nonfinite", "position_ids", "loras", "fermat", "note"}
@@ -54,7 +55,7 @@ class Recipe:
     components: dict = field(default_factory=dict)    # name -> ComponentRule
     seed: int = 0
     precision: str = "fp64"
-    dtype: str = "fp16"
+    dtype: str | dict = DEFAULT_DTYPE   # one output dtype, or component (or "default") -> dtype
     output: str | None = None
     allow_mixed_prediction: bool = False
     nonfinite: str = "fail"
@@ -69,7 +70,8 @@ class Recipe:
             out["blocks"] = dict(self.blocks)
         if self.components:
             out["components"] = {k: v.to_dict() for k, v in self.components.items()}
-        out.update({"seed": self.seed, "precision": self.precision, "dtype": self.dtype})
+        out.update({"seed": self.seed, "precision": self.precision,
+                    "dtype": dict(self.dtype) if isinstance(self.dtype, dict) else self.dtype})
         if self.output is not None:
             out["output"] = self.output
         if self.allow_mixed_prediction:
@@ -83,6 +85,12 @@ class Recipe:
 
     def to_json(self, indent=2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
+
+    def dtype_of(self, component: str) -> str:
+        """The output dtype name of `component`'s floating-point weights."""
+        if isinstance(self.dtype, str):
+            return self.dtype
+        return self.dtype.get(component, self.dtype.get("default", DEFAULT_DTYPE))
 
     def files(self) -> list:
         """Every file name the recipe mentions (pool, base, component pools and takes)."""
@@ -232,7 +240,7 @@ def parse_recipe(doc) -> Recipe:
         raise RecipeError("seed", f"must be an integer from 0 to 2**63 - 1, got {_short(seed)}")
     recipe.seed = seed
     recipe.precision = _choice(doc, "precision", PRECISIONS, "fp64")
-    recipe.dtype = _choice(doc, "dtype", OUTPUT_DTYPES, "fp16")
+    recipe.dtype = _parse_dtype(doc.get("dtype", DEFAULT_DTYPE))
     recipe.nonfinite = _choice(doc, "nonfinite", NONFINITE, "fail")
     recipe.position_ids = _choice(doc, "position_ids", ("reset", "omit"), "reset")
     if doc.get("output") is not None:
@@ -264,6 +272,24 @@ def _short(value, limit: int = 60) -> str:
         return f"an integer of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 5] + " … " + text[-2:]
+
+
+def _parse_dtype(value):
+    """A dtype name, or an object of component (unet / te0 / te1 / vae / default) -> dtype name."""
+    if isinstance(value, dict):
+        if not value:
+            raise RecipeError("dtype", "an empty object names no component; give a dtype name or e.g. "
+                              '{"unet": "fp8_e4m3fn", "default": "fp16"}')
+        for name, choice in value.items():
+            if name not in COMPONENTS + ("default",):
+                raise RecipeError(f"dtype.{name}", f"unknown component (known: {', '.join(COMPONENTS)}, default)")
+            if choice not in OUTPUT_DTYPES:
+                raise RecipeError(f"dtype.{name}", f"must be one of {', '.join(OUTPUT_DTYPES)}; got {choice!r}")
+        return dict(value)
+    if value not in OUTPUT_DTYPES:
+        raise RecipeError("dtype", f"must be one of {', '.join(OUTPUT_DTYPES)}, or an object of component "
+                          f"(unet / te0 / te1 / vae / default) -> dtype; got {value!r}")
+    return value
 
 
 def _parse_components(doc, recipe: Recipe) -> dict:

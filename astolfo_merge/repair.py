@@ -744,6 +744,9 @@ def _plan_extras(plan, keep_ema):
         info = header.tensors[by_canonical[key]]
         plan.steps.append(RepairStep(key, info.shape, info.dtype, "file", by_canonical[key]))
         plan.kept.append(key)
+    for key in sorted(header.aux):   # fp8_scaled scale / marker keys: carried with their (bit-for-bit) weights
+        info = header.tensors[key]
+        plan.steps.append(RepairStep(key, info.shape, info.dtype, "file", key))
     for kind, keys in (("EMA", ident.ema), ("schedule", ident.schedule), ("junk", ident.junk), ("unknown", ident.unknown)):
         for key in keys:
             info = header.tensors[by_canonical.get(key, key)]
@@ -833,7 +836,7 @@ def run_repair(plan: RepairPlan, output, overwrite=False, base_sha256: str | Non
             raise AstolfoError(f"{output}: the repair reads this file; write it to a new file (-o)")
     _check_result(plan)
     entries = [(s.key, s.dtype, s.shape) for s in plan.steps]
-    readers = {"file": CheckpointReader(plan.path, plan.header)}
+    readers = {"file": CheckpointReader(plan.path, plan.header, dequantize=False)}   # bit for bit
     if plan.base_header is not None:
         readers["base"] = CheckpointReader(plan.base_path, plan.base_header)
     try:

@@ -20,6 +20,7 @@ import torch
 from . import jobs
 from .errors import AstolfoError
 from .methods import METHODS
+from .recipe import OUTPUT_DTYPES
 from .ui_catalog import default_catalog
 from .ui_compat import listen, make, poll_options
 from .ui_forms import BlockWeights, ParamForm
@@ -190,7 +191,7 @@ class MergerTab(TabHandlers):
                                           info=f"written to {self.host.output_dir()}")
             self.auto_name = gr.State("")
             with gr.Row():
-                self.dtype = gr.Radio(choices=["fp16", "bf16", "fp32"], value="fp16", label="Saved dtype", elem_id=f"{ELEM}_dtype")
+                self.dtype = gr.Radio(choices=list(OUTPUT_DTYPES), value="fp16", label="Saved dtype", elem_id=f"{ELEM}_dtype")
                 self.precision = gr.Radio(choices=["fp64", "fp32"], value=s.precision if s.precision in ("fp32", "fp64") else "fp64",
                                           label="Compute precision", elem_id=f"{ELEM}_precision")
             with gr.Row():

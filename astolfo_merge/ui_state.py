@@ -107,7 +107,9 @@ def recipe_doc(state: FormState, arch: str | None = None) -> dict:
             components[name] = rule
     if components:
         doc["components"] = components
-    doc.update({"seed": int(state.seed), "precision": state.precision, "dtype": state.dtype})
+    per_component = state.extra.get("dtype")    # a loaded recipe's per-component dtypes; the radio is the default
+    dtype = {**per_component, "default": state.dtype} if isinstance(per_component, dict) else state.dtype
+    doc.update({"seed": int(state.seed), "precision": state.precision, "dtype": dtype})
     if state.output:
         doc["output"] = state.output
     if state.allow_mixed_prediction:
@@ -116,7 +118,7 @@ def recipe_doc(state: FormState, arch: str | None = None) -> dict:
         doc["nonfinite"] = state.nonfinite
     if state.position_ids != "reset":
         doc["position_ids"] = state.position_ids
-    doc.update({k: v for k, v in state.extra.items() if k != "loras"})
+    doc.update({k: v for k, v in state.extra.items() if k not in ("loras", "dtype")})
     if state.loras:
         doc["loras"] = [dict(entry) for entry in state.loras]
     return doc
@@ -126,10 +128,12 @@ def state_from_recipe(recipe: Recipe) -> FormState:
     """The form that reproduces `recipe` (every field the recipe has; defaults elsewhere)."""
     state = FormState(pool=list(recipe.pool), method=recipe.method, params=dict(recipe.params), base=recipe.base,
                       blocks_enabled=bool(recipe.blocks), blocks=dict(recipe.blocks), output=recipe.output,
-                      dtype=recipe.dtype, precision=recipe.precision, seed=recipe.seed,
+                      dtype=recipe.dtype_of("default"), precision=recipe.precision, seed=recipe.seed,
                       allow_mixed_prediction=recipe.allow_mixed_prediction, nonfinite=recipe.nonfinite,
                       position_ids=recipe.position_ids,
-                      extra={k: v for k, v in recipe.extra.items() if k != "loras"},
+                      extra={k: v for k, v in recipe.extra.items() if k != "loras"}
+                      | ({"dtype": {k: v for k, v in recipe.dtype.items() if k != "default"}}
+                         if isinstance(recipe.dtype, dict) else {}),
                       loras=[dict(entry) for entry in recipe.extra.get("loras") or []])
     for name, rule in recipe.components.items():
         if rule.take == "base":
