@@ -18,13 +18,13 @@ import gradio as gr
 import torch
 
 from . import jobs
-from .errors import AstolfoError
 from .methods import METHODS
 from .ui_catalog import default_catalog
 from .ui_compat import listen, make, poll_options
 from .ui_forms import BlockWeights, ParamForm
 from .ui_handlers import TabHandlers
 from .ui_state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of
+from .ui_words import error_text
 
 ELEM = "astolfo_merge"
 NONE = "(none)"
@@ -279,13 +279,18 @@ class MergerTab(TabHandlers):
         listen(self.pool.input, self.on_pool_input, [self.pool, self.filter, *self.pool_context()], pool_out)
         listen(self.select_shown.click, self.on_select_shown, [self.filter, *self.pool_context()], pool_out)
         listen(self.select_none.click, self.on_select_none, [self.filter, *self.pool_context()], pool_out)
+        listen(self.base.change, self.on_base_change, [self.selection, self.base], [self.pool_summary])
         listen(self.refresh.click, self.on_refresh, [self.filter, self.selection], self.list_outputs())
         # `.input` (user edits only): loading a recipe sets the method *and* its parameters.
         listen(self.method.input, self.on_method, [self.method, self.selection, self.output_name, self.auto_name],
                [*self.main_form.components, self.method_help, self.mbw.enabled, self.output_name, self.auto_name])
         listen(self.mbw.preset.change, self.on_preset, [self.mbw.preset, self.selection], self.mbw.components)
+        lock_inputs = [self.method, self.selection, *[row["mode"] for row in self.comp.values()]]
         for row in self.comp.values():
             listen(row["mode"].change, self.on_component_mode, [row["mode"]], [row["take"], row["own"]])
+            listen(row["mode"].change, self.on_method_lock, lock_inputs, self.method_controls())
+        if hasattr(self.pool_summary, "change"):   # the pool's architecture decides which components count
+            listen(self.pool_summary.change, self.on_method_lock, lock_inputs, self.method_controls())
             listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
         form, run = self.form_inputs(), self.run_inputs()
         listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
@@ -319,7 +324,7 @@ class MergerTab(TabHandlers):
                                   [self.lora_box, self.method_help, self.message, self.recipe_json]))
 
     def error_text(self, exc: Exception) -> str:
-        return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"
+        return error_text(exc)
 
     def recipes_dir(self) -> str:
         return self.host.recipes_dir()

@@ -187,7 +187,7 @@ def test_the_recipe_embedded_in_a_merged_checkpoint_loads_into_the_form(tab):
 
 def test_a_broken_recipe_file_is_reported_not_raised(tab):
     got = outputs(tab, tab.on_upload(b'{"pool": [], "method": "weighted_sum"}', ""), tab.load_recipe_outputs())
-    assert "Error" in got[tab.message] and "pool" in got[tab.message]
+    assert got[tab.message] == "**Error:** **Pool**: must be a non-empty list of file names"
 
 
 def test_feature_subtabs_appear_when_their_module_exists(models, monkeypatch):
