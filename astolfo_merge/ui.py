@@ -41,8 +41,9 @@ def build_tab(host, catalog=None) -> gr.Blocks:
     return MergerTab(host, catalog).build()
 
 
-def add_feature_tabs(host):
-    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS)."""
+def add_feature_tabs(host, panels: dict | None = None):
+    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS); their
+    builders' return values (the panels) go into `panels` by title when it is given."""
     added = []
     for title, modules in FEATURE_TABS:
         for name in modules:
@@ -55,8 +56,10 @@ def add_feature_tabs(host):
             builder = getattr(module, "build_ui", None)
             if callable(builder):
                 with gr.Tab(title, elem_id=f"{ELEM}_tab_{title.lower()}"):
-                    builder(host)
+                    panel = builder(host)
                 added.append(title)
+                if panels is not None:
+                    panels[title] = panel
                 break
     return added
 
@@ -75,6 +78,7 @@ class MergerTab(TabHandlers):
         self.methods = dict(METHODS)
         self.default_method = "weighted_sum" if "weighted_sum" in self.methods else next(iter(self.methods))
         self.infos = []
+        self.panels = {}      # feature sub-tabs (Repair, Analysis) by title, once built
         self.reload_models()
 
     # -- layout -------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ class MergerTab(TabHandlers):
                             self._output_section()
                             self._run_section()
                             self._recipe_section()
-                add_feature_tabs(self.host)
+                add_feature_tabs(self.host, self.panels)
             self._wire()
         self._not_persisted()
         return blocks
@@ -269,9 +273,14 @@ class MergerTab(TabHandlers):
         return [self.device, self.threads, self.memory, self.overwrite]
 
     def list_outputs(self) -> list:
-        """Every widget that lists models (refreshed after a merge or a folder change)."""
+        """Every widget that lists models (refreshed after a merge or a folder change), the feature
+        sub-tabs' lists included."""
         return [self.pool, self.base, self.recipe_source, self.saved_recipes, self.lora_box] + \
-            [row[k] for row in self.comp.values() for k in ("take", "pool")] + [row[0] for row in self.lora_rows]
+            [row[k] for row in self.comp.values() for k in ("take", "pool")] + [row[0] for row in self.lora_rows] + \
+            [w for panel in self.list_panels() for w in panel.list_outputs()]
+
+    def list_panels(self) -> list:
+        return [p for p in self.panels.values() if hasattr(p, "list_outputs") and hasattr(p, "list_updates")]
 
     def _wire(self):
         pool_out = self.pool_change_outputs()
@@ -310,6 +319,10 @@ class MergerTab(TabHandlers):
         listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
                self.on_upload, [self.upload, self.filter], load_out)
         listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out)
+        for panel in self.panels.values():     # a repaired file joins every list of the tab
+            done = getattr(panel, "run_event", None)
+            if done is not None and hasattr(done, "then"):
+                listen(done.then, self.on_lists_changed, [self.filter, self.selection], self.list_outputs())
 
     def pool_context(self) -> list:
         return [self.selection, self.base, self.method, self.output_name, self.auto_name]

@@ -93,6 +93,8 @@ class TabHandlers:
         updates[self.lora_box] = gr.update(visible=len(loras) > 1)
         for row in self.lora_rows:
             updates[row[0]] = gr.update(choices=loras)
+        for panel in self.list_panels():
+            updates.update(panel.list_updates())
         return updates
 
     # -- pool -------------------------------------------------------------------------------------
@@ -114,6 +116,11 @@ class TabHandlers:
 
     def on_select_none(self, filter_text, selection, base, method, output_name, auto_name):
         return self.pool_changed([], filter_text, base, method, output_name, auto_name)
+
+    def on_lists_changed(self, filter_text, selection):
+        """After a file was written elsewhere in the tab (a repair): every list shows it."""
+        self.reload_models()
+        return fill(self.list_outputs(), self.list_updates(filter_text, selection))
 
     def on_refresh(self, filter_text, selection):
         self.host.refresh()
