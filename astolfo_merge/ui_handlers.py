@@ -331,7 +331,8 @@ class TabHandlers:
         peak = plan.peak_bytes(int(options.memory_gb * GIB))
         lines = [f"**Merge would stop:** {b}" for b in self.plan_blockers(plan, options)]
         urgent = [n for n in plan.log if n.endswith(PLAN_WARNINGS)]
-        lines += [f"⚠ {tab_words(n)} — pick a **Base model** to fill them" for n in urgent]
+        advice = "pick a complete **Base model**" if plan.recipe.base else "pick a **Base model** to fill them"
+        lines += [f"⚠ {tab_words(n)} — {advice}" for n in urgent]
         lines += [f"**Plan:** {plan.arch.upper()} · {len(plan.sources)} input file(s) · {len(plan.keys)} keys "
                   f"({merged} merged, {len(plan.keys) - merged} copied) · output {format_size(plan.output_bytes)}",
                   f"Predicted peak memory: **{peak / GIB:.2f} GiB** (budget {options.memory_gb:g} GB) · "
