@@ -17,7 +17,7 @@ from . import arch as archmod
 from .checkpoint import read_header
 from .errors import AstolfoError
 
-CACHE_VERSION = 2   # 2: ModelInfo.partial
+CACHE_VERSION = 2   # 2: ModelInfo.partial, status wording
 BASE_NAME = re.compile(r"(^|[^a-z])(base|v1-5-pruned|sd-v1-5|sd_v1-5|v2-1_(512|768)|512-base|768-v-ema)([^a-z]|$)", re.I)
 PREDICTION_TITLES = {"epsilon": "eps", "v": "v-pred", "edm-v": "EDM v-pred", "edm": "EDM eps"}
 
@@ -88,7 +88,7 @@ def describe(name: str, path: str) -> ModelInfo:
 def _repair_status(ident) -> str:
     partial = [c for c in ident.partial_components]
     if partial:
-        return "partial: " + ", ".join(c.upper() for c in partial) + " — repair first"
+        return "partial: " + ", ".join(c.upper() for c in partial) + " — a base fills it (Base model, or Repair)"
     optional = sum(len(c.missing_optional) for c in ident.components.values())
     if optional:
         return f"complete, {optional} optional key(s) missing"
