@@ -319,10 +319,13 @@ class MergerTab(TabHandlers):
         listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
                self.on_upload, [self.upload, self.filter], load_out)
         listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out)
-        for panel in self.panels.values():     # a repaired file joins every list of the tab
+        for panel in self.panels.values():     # a repaired file joins every list of the tab and the WebUI's
             done = getattr(panel, "run_event", None)
             if done is not None and hasattr(done, "then"):
-                listen(done.then, self.on_lists_changed, [self.filter, self.selection], self.list_outputs())
+                dep = listen(done.then, self.on_lists_changed, [self.filter, self.selection],
+                             [*self.list_outputs(), self.event])
+                listen(dep.then, None, [self.event], [],
+                       js="(event) => { if (window.astolfoMergeAfterPoll) astolfoMergeAfterPoll(event); return []; }")
 
     def pool_context(self) -> list:
         return [self.selection, self.base, self.method, self.output_name, self.auto_name]

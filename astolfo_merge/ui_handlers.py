@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import time
 
 import gradio as gr
 
@@ -118,9 +119,12 @@ class TabHandlers:
         return self.pool_changed([], filter_text, base, method, output_name, auto_name)
 
     def on_lists_changed(self, filter_text, selection):
-        """After a file was written elsewhere in the tab (a repair): every list shows it."""
+        """After a file was written elsewhere in the tab (a repair): every list shows it, and the page
+        script refreshes the WebUI's checkpoint list (a new value of the event box, as after a merge)."""
         self.reload_models()
-        return fill(self.list_outputs(), self.list_updates(filter_text, selection))
+        updates = self.list_updates(filter_text, selection)
+        updates[self.event] = f"files:{time.time_ns()}"
+        return fill([*self.list_outputs(), self.event], updates)
 
     def on_refresh(self, filter_text, selection):
         self.host.refresh()

@@ -200,7 +200,8 @@ def test_a_repair_refreshes_the_merge_sub_tabs_lists(host, novae_xl):
     panel = tab.panels["Repair"]
     assert panel.run_event is not None
     panel.repair(novae_xl, "sdxl-base.safetensors", "")
-    updates = dict(zip(tab.list_outputs(), tab.on_lists_changed("", [])))
+    updates = dict(zip([*tab.list_outputs(), tab.event], tab.on_lists_changed("", [])))
+    assert updates[tab.event].startswith("files:"), "the page script refreshes the WebUI's checkpoint list"
     assert "sdxl-novae-repaired.safetensors" in [name for _label, name in updates[tab.pool]["choices"]]
     assert "sdxl-novae-repaired.safetensors" in updates[panel.model]["choices"]
 
