@@ -28,9 +28,9 @@ from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, ComponentCho
 NONE = "(none)"
 LOG_TAIL = 40
 PLAN_NOTES = 8
-# plan notes (plan.Notes) about keys the output would lack or merge from fewer inputs: shown first
 LOCKED_NOTE = ("**Every component is taken from a file** (see Components): the method, its parameters and the "
                "block weights are not used. Set a component back to *Main method* to use them.")
+# plan notes (plan.Notes) about keys the output would lack or merge from fewer inputs: shown first
 PLAN_WARNINGS = ("left out (repair the inputs first)", "merged from the inputs that have them")
 POOL_SUMMARY_NAMES = 12
 
