@@ -16,7 +16,8 @@ from .analysis import COMPONENT_LABELS, analyze, plot
 from .errors import AstolfoError, RecipeError
 from .paths import app_files_dir
 from .ui_compat import listen, make
-from .ui_tasks import NONE, error_text, run_in_thread
+from .ui_tasks import NONE, run_in_thread
+from .ui_words import error_text
 
 ELEM = "astolfo_merge_analysis"
 
@@ -66,6 +67,13 @@ class AnalysisPanel:
     def on_refresh(self):
         self.host.refresh()
         return gr.update(choices=self.names()), gr.update(choices=self.names(with_none=True))
+
+    def list_outputs(self) -> list:
+        """The widgets listing models (the Merge sub-tab refreshes them after a merge or repair)."""
+        return [self.models, self.base]
+
+    def list_updates(self) -> dict:
+        return {self.models: gr.update(choices=self.names()), self.base: gr.update(choices=self.names(with_none=True))}
 
     def build(self):
         gr.Markdown("Distance of each model to a base (or to the mean of the picked models) per component, "

@@ -65,6 +65,7 @@ class Progress:
     eta: float | None
     key: str = ""
     message: str = ""
+    stage: str = ""     # what runs before the keys, e.g. "hashing inputs 2/5" ("" while merging keys)
 
     @property
     def fraction(self) -> float:
@@ -366,9 +367,19 @@ def _input_hashes(plan: Plan, options: RunOptions, report) -> dict:
     out = {}
     for n, src in enumerate(plan.sources):
         if cache.get(src.path) is None:
-            report(f"hashing input {n + 1}/{len(plan.sources)}: {src.name}")
+            report(f"hashing input {n + 1}/{len(plan.sources)}: {src.name}", stage=f"hashing inputs {n + 1}/{len(plan.sources)}")
         out[src.path] = cache.sha256(src.path)
     return out
+
+
+ETA_AFTER_FRACTION, ETA_AFTER_SECONDS = 0.02, 2.0   # no ETA before this much of the merge (hashing excluded)
+
+
+def merge_eta(merging_s: float, done_bytes: int, total_bytes: int) -> float | None:
+    """Seconds left, from the merge's own rate (hashing not counted), once the rate means something."""
+    if done_bytes < ETA_AFTER_FRACTION * total_bytes or merging_s < ETA_AFTER_SECONDS or not done_bytes:
+        return None
+    return merging_s / done_bytes * (total_bytes - done_bytes)
 
 
 def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[[Progress], None] | None = None,
@@ -396,14 +407,17 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     total_bytes = plan.output_bytes
     done_bytes, log = 0, list(plan.log)
 
-    def report(message="", key="", keys_done=0):
+    merge_start = None
+
+    def report(message="", key="", keys_done=0, stage=""):
         if progress:
-            elapsed = time.monotonic() - start
-            eta = elapsed / done_bytes * (total_bytes - done_bytes) if done_bytes else None
-            progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, elapsed, eta, key, message))
+            now = time.monotonic()
+            eta = merge_eta(now - merge_start, done_bytes, total_bytes) if merge_start else None
+            progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, now - start, eta, key, message, stage))
 
     hashes = _input_hashes(plan, options, report)
     ensure_open_files(len(plan.sources))
+    merge_start = time.monotonic()
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     entries = [(k.key, k.dtype, k.shape) for k in plan.keys]

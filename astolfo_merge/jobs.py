@@ -47,6 +47,7 @@ class Snapshot:
     elapsed: float = 0.0
     eta: float | None = None
     message: str = ""
+    stage: str = ""             # Progress.stage: e.g. "hashing inputs 2/5" before the keys start
     log: list = field(default_factory=list)
     error: str | None = None
     result: MergeResult | None = None
@@ -95,7 +96,7 @@ class Job:
                 keys_done=p.keys_done if p else 0, keys_total=p.keys_total if p else len(self.plan.keys),
                 fraction=1.0 if done else (p.fraction if p else 0.0), elapsed=elapsed,
                 eta=None if self.status != RUNNING or not p else p.eta, message=p.message if p else "",
-                log=list(self._log), error=self.error, result=self.result, output=self.plan.output,
+                stage=p.stage if p and self.status == RUNNING else "", log=list(self._log), error=self.error, result=self.result, output=self.plan.output,
                 version=self.version)
 
     def wait(self, timeout=None) -> MergeResult:

@@ -280,7 +280,7 @@ def _plan_keys(plan: Plan, rules: dict, index: dict):
     lay = archmod.layout(arch, scale)
     position_key = archmod.POSITION_IDS.get(arch)
     involved = [plan.sources[i] for i in sorted({index[n] for n in recipe.files()})]
-    filled = {}
+    notes = Notes()
     for key, spec in lay.items():
         comp = spec.component
         if key == position_key:
@@ -290,14 +290,13 @@ def _plan_keys(plan: Plan, rules: dict, index: dict):
         holders = [i for i, s in enumerate(plan.sources) if s.has(key)]
         if not holders:
             if not spec.optional:
-                plan.log.append(f"{key}: no input has this key; it is left out (repair the inputs first)")
+                notes.add(comp, key, "no input has them; left out (repair the inputs first)")
             continue
         rule = rules[comp]
-        kp = _plan_one(plan, key, spec, comp, rule, index, filled)
+        kp = _plan_one(plan, key, spec, comp, rule, index, notes)
         plan.keys.append(kp)
     _plan_extras(plan, involved)
-    for comp, n in filled.items():
-        plan.log.append(f"{comp}: {n} key(s) of partial inputs were filled from the base")
+    plan.log += notes.lines(lay)
     for comp in archmod.COMPONENTS:
         if comp in {s.component for s in lay.values()}:
             rule = rules[comp]
@@ -305,7 +304,30 @@ def _plan_keys(plan: Plan, rules: dict, index: dict):
                                             else f"{rule.method} over {len(rule.pool)} model(s)")
 
 
-def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
+class Notes:
+    """Plan notes about keys some input lacks, one line per component and situation (not per key:
+    a file without its VAE would otherwise give 248 lines)."""
+
+    EXAMPLES = 2
+
+    def __init__(self):
+        self._keys: dict = {}        # (component, what) -> [keys]
+
+    def add(self, comp: str, key: str, what: str):
+        self._keys.setdefault((comp, what), []).append(key)
+
+    def lines(self, layout: dict) -> list:
+        sizes = {}
+        for spec in layout.values():
+            sizes[spec.component] = sizes.get(spec.component, 0) + 1
+        out = []
+        for (comp, what), keys in self._keys.items():
+            shown = ", ".join(keys[:self.EXAMPLES]) + (f", … (+{len(keys) - self.EXAMPLES})" if len(keys) > self.EXAMPLES else "")
+            out.append(f"{comp.upper()}: {len(keys)} of {sizes.get(comp, len(keys))} key(s) ({shown}): {what}")
+        return out
+
+
+def _plan_one(plan, key, spec, comp, rule, index, notes) -> KeyPlan:
     recipe = plan.recipe
     sources = plan.sources
 
@@ -317,7 +339,7 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
         i = index[name]
         if not sources[i].has(key):
             fallback = next((j for j, s in enumerate(sources) if s.has(key)), None)
-            plan.log.append(f"{key}: {name} lacks it; taken from {sources[fallback].name}")
+            notes.add(comp, key, f"{name} lacks them; taken from {sources[fallback].name}")
             i = fallback
         info = stored_info(i)
         return KeyPlan(key, spec.shape, _out_dtype(recipe, info.dtype, info.is_float, comp), "copy", comp,
@@ -332,10 +354,9 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
         elif base is not None and sources[base].has(key):
             pool.append(base)
             stand_in.append(name)
-            filled[comp] = filled.get(comp, 0) + 1
         else:
             without.append(name)
-    _log_contributors(plan, key, len(rule.pool), stand_in, without, sources[base].name if base is not None else None)
+    _note_contributors(notes, comp, key, len(rule.pool), stand_in, without, sources[base].name if base is not None else None)
     first = pool[0] if pool else next(i for i, s in enumerate(sources) if s.has(key))
     info = stored_info(first)
     out_dtype = _out_dtype(recipe, info.dtype, info.is_float, comp)
@@ -345,8 +366,9 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
     base_ok = base is not None and sources[base].has(key)
     if len(pool) < method.min_models or (method.needs_base and not base_ok) or \
             (method.max_models is not None and len(pool) != len(rule.pool)):
-        why = "base lacks this key" if method.needs_base and not base_ok else f"only {len(pool)} of {len(rule.pool)} inputs have it"
-        plan.log.append(f"{key}: {why}; copied from {sources[first].name}")
+        why = "the base lacks them" if method.needs_base and not base_ok else \
+            f"only {len(pool)} of {len(rule.pool)} inputs have them"
+        notes.add(comp, key, f"{why}; copied from {sources[first].name}")
         return KeyPlan(key, spec.shape, out_dtype, "copy", comp, source=first, reshape_from=_reshape(sources[first], key, spec))
     params = dict(rule.params)
     if rule.blocks and method.block_param and block in rule.blocks:
@@ -355,16 +377,14 @@ def _plan_one(plan, key, spec, comp, rule, index, filled) -> KeyPlan:
                    pool=pool, base=base if method.needs_base else None)
 
 
-def _log_contributors(plan, key, n, stand_in, without, base_name):
-    """One log line per key that not every pool input has: how many contributed their own value."""
-    if not stand_in and not without:
-        return
-    own = n - len(stand_in) - len(without)
+def _note_contributors(notes, comp, key, n, stand_in, without, base_name):
+    """Note a key that not every pool input has: who lacks it, and what stands in."""
     if stand_in:
-        plan.log.append(f"{key}: {own} of {n} inputs have it; the base {base_name} fills in for {', '.join(stand_in)}")
-    else:
-        plan.log.append(f"{key}: {own} of {n} inputs have it; {', '.join(without)} lack(s) it and there is no base "
-                        "to fill from; merged without it")
+        notes.add(comp, key, f"{', '.join(stand_in)} lack(s) them; filled from the base {base_name} "
+                             f"({n - len(stand_in) - len(without)} of {n} inputs have their own)")
+    if without:
+        notes.add(comp, key, f"{', '.join(without)} lack(s) them and there is no base to fill from; "
+                             "merged from the inputs that have them")
 
 
 def _reshape(source, key, spec):

@@ -176,18 +176,25 @@ class ToolkitView:
                 "ema_keys": len(self.ema), "keys": self.keys}
 
     def line(self, arch: str | None) -> str:
+        """What the toolkit would print (its own report words, which users search for) and why."""
+        why = self._reasons(arch)
         if not self.label:
-            why = self._reasons(arch)
-            return "model-toolkit (original) could not identify this model at all" + (f" ({why})" if why else "")
-        text = f"model-toolkit (original) would call this {self.label}"
+            text = ('model-toolkit (original) would name no type — its report: "Model type could not be identified."'
+                    + (f" ({why})" if why else ""))
+            if arch == "sdxl":
+                text += ("; it has no -BROKEN type for an SDXL UNET or text encoder, so an SDXL file that lacks its VAE "
+                         "gets no name where one that lacks only TE0 position ids is called VAE-v1-BROKEN")
+            return text + '; its autoprune would move the file to Failed ("UNKNOWN ARCHITECTURE")'
+        text = f'model-toolkit (original) would call this {self.label} — its report: "Model type identified as {self.label}."'
         if self.label.endswith("-BROKEN"):
-            why = self._reasons(arch)
             text += (f" ({why})" if why else "") + f"; its prune would keep {self.keys - len(self.junk) - len(self.ema)} " \
                                                    f"of {self.keys} keys"
         if self.junk:
             text += f"; {len(self.junk)} key(s) count as junk there (e.g. {self.junk[0]}), deleted on save"
         elif not self.label.endswith("-BROKEN"):
             text += ", no junk"
+        if self.label.endswith("-BROKEN"):
+            text += '; its autoprune would move the file to Failed ("BROKEN ARCHITECTURE")'
         return text
 
     def _reasons(self, arch) -> str:
@@ -288,6 +295,10 @@ def a1111_view(shapes: dict, ident: archmod.Identity, position: dict) -> str:
         return ("A1111 will not detect SDXL (TE1 ln_final.weight missing, its detection key): it picks the "
                 "SD1 config and fails to load")
     missing = sum(len(c.missing) for c in ident.components.values())
+    vae = ident.components.get(VAE)
+    if vae is not None and vae.status == "absent":
+        return ("A1111 / Forge load it non-strictly with a 'Missing VAE keys' line: without a separate VAE selected "
+                "the images come out black (NaN) — fill the VAE from a base")
     if missing:
         return (f"A1111 loads it non-strictly: the {missing} missing weight(s) keep random initial values "
                 f"(broken images unless filled)")
@@ -609,6 +620,8 @@ class RepairPlan:
         parts = []
         if self.position_ids in ("added", "reset"):
             parts.append(f"{'add' if self.position_ids == 'added' else 'reset'} TE0 position_ids = 0..76 (int64)")
+        elif self.position_ids == "kept":
+            parts.append("TE0 position_ids already 0..76 (int64)")
         if self.filled:
             source = os.path.basename(self.base_path) if self.base_path else "a base model (--base)"
             parts.append(f"fill {len(self.filled)} key(s) from {source}: {_first([_short(k) for k in self.filled], 3)}")
@@ -625,13 +638,31 @@ class RepairPlan:
         parts.append(f"→ {len(self.steps)} keys, ~{human_size(self.output_bytes)}; metadata + repair record")
         return "; ".join(parts)
 
-    def lines(self) -> list:
-        """The dry-run listing: every decision, filled keys in full."""
+    def blocker(self) -> str | None:
+        """Why this plan cannot be written as is (said first in a dry run), or None."""
+        if not self.needs_base:
+            return None
+        return (f"needs a base model: {len(self.filled)} key(s) are missing ({self.filled_by_component()}); "
+                f"pass --base BASE, a complete {self.identity.title} model, to fill them")
+
+    def filled_by_component(self, examples: int = 3) -> str:
+        by_comp = collections.defaultdict(list)
+        for key in self.filled:
+            by_comp[archmod.component_of(key)].append(_short(key))
+        return "; ".join(f"{COMPONENT_NAMES.get(c, c)} {len(ks)}: {_first(ks, examples)}" for c, ks in by_comp.items())
+
+    def lines(self, full: bool = True) -> list:
+        """The dry-run listing: what blocks it first, then every decision; filled keys in full, or
+        (`full=False`) one line per component."""
         ident = self.identity
-        out = [f"repair {os.path.basename(self.path)} ({ident.title}, {ident.prediction}"
-               f"{' + ztSNR' if ident.ztsnr else ''}): {self.summary()}"]
+        out = [f"NOT READY — {self.blocker()}"] if self.blocker() else []
+        out.append(f"repair {os.path.basename(self.path)} ({ident.title}, {ident.prediction}"
+                   f"{' + ztSNR' if ident.ztsnr else ''}): {self.summary()}")
         out += [f"  warning: {w}" for w in self.warnings]
-        out += [f"  fill from base: {k}" for k in self.filled]
+        if full:
+            out += [f"  fill from base: {k}" for k in self.filled]
+        elif self.filled:
+            out += [f"  fill from base: {part}" for part in self.filled_by_component(5).split("; ")]
         out += [f"  reshape: {k}" for k in self.reshaped]
         out += [f"  rename: {a} -> {b}" for a, b in list(self.renamed.items())[:10]]
         if len(self.renamed) > 10:
@@ -710,7 +741,7 @@ def _plan_key(plan, key, spec, stored, base_header, base_keys, position_ids):
         if position_ids == "omit":
             plan.position_ids = "omitted" if had else None
             return
-        plan.position_ids = "reset" if had else "added"
+        plan.position_ids = ("kept" if _position_ids_ok(header, plan.identity) else "reset") if had else "added"
         plan.steps.append(RepairStep(key, spec.shape, torch.int64, "position_ids"))
         return
     if key in stored:
@@ -735,6 +766,12 @@ def _plan_key(plan, key, spec, stored, base_header, base_keys, position_ids):
     info = base_header.tensors[source]
     dtype = plan.dtype if info.is_float else info.dtype
     plan.steps.append(RepairStep(key, spec.shape, dtype, "base", source))
+
+
+def _position_ids_ok(header, ident) -> bool:
+    """The stored TE0 position ids are already int64 0..76 (rewriting them changes no byte)."""
+    health = position_ids_health(header, ident)
+    return health["status"] == "ok" and health.get("dtype") == NAME_OF[torch.int64]
 
 
 def _plan_extras(plan, keep_ema):
@@ -780,7 +817,7 @@ def repair_metadata(plan: RepairPlan, base_sha256: str | None = None) -> dict:
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in plan.header.metadata.items()}
     record = {
         "tool": f"astolfo_merge {__version__}", "source": os.path.basename(plan.path),
-        "base": os.path.basename(plan.base_path) if plan.base_path else None,
+        "base": os.path.basename(plan.base_path) if plan.base_path and plan.filled else None,
         "base_sha256": base_sha256[:10] if base_sha256 else None,
         "filled": len(plan.filled), "renamed": len(plan.renamed), "reshaped": len(plan.reshaped),
         "position_ids": plan.position_ids, "dropped": len(plan.dropped),

@@ -16,16 +16,25 @@ from .errors import AstolfoError, OutputExistsError, RecipeError
 from .inspection import format_report, inspect_file
 from .recipe import check_output_name
 from .repair import default_output, plan_repair, run_repair
+from .ui_catalog import default_catalog, guess_base
 from .ui_compat import listen, make
-from .ui_tasks import NONE, error_text, run_in_thread
+from .ui_tasks import NONE, run_in_thread
+from .ui_words import error_text as _error_text
+from .ui_words import plain, tab_words
 
 ELEM = "astolfo_merge_repair"
+
+def error_text(exc) -> str:
+    """An error in the tab's words, for the sub-tab's text boxes."""
+    return _error_text(exc, markdown=False)
+
 
 class RepairPanel:
     """Handlers over widget values (names as the host lists them); `build` lays the widgets out."""
 
-    def __init__(self, host):
+    def __init__(self, host, catalog=None):
         self.host = host
+        self.catalog = catalog or default_catalog()
 
     # -- model names ----------------------------------------------------------------------------
     def names(self, with_none=False) -> list:
@@ -45,55 +54,81 @@ class RepairPanel:
         output = (output or "").strip() or os.path.basename(default_output(name))
         return os.path.join(self.host.output_dir(), check_output_name(output))
 
+    def likely_base(self, name, base):
+        """The Merge sub-tab's base guess for the picked file's architecture, unless a fitting base is picked."""
+        infos = self.catalog.list(self.host.named_checkpoints())
+        by_name = {i.name: i for i in infos}
+        info = by_name.get(name)
+        if info is None or not info.arch:
+            return base
+        current = by_name.get(base)
+        if current is not None and current.arch == info.arch and current.name != name:
+            return base
+        guess = guess_base([i for i in infos if i.name != name], info.arch)
+        return guess or NONE
+
     # -- handlers -------------------------------------------------------------------------------
-    def on_inspect(self, name):
-        """(report text, default output name) of the picked file."""
+    def on_inspect(self, name, base=NONE):
+        """(report text, default output name, base preset) of the picked file."""
         try:
             report = format_report(inspect_file(self.path_of(name)))
         except AstolfoError as exc:
-            return error_text(exc), gr.update()
-        return report, os.path.basename(default_output(name))
+            return error_text(exc), gr.update(), gr.update()
+        return plain(tab_words(report)), os.path.basename(default_output(name)), \
+            gr.update(value=self.likely_base(name, base))
 
     def plan(self, name, base):
         path, base_path = self.path_of(name), self.base_path(base)
         return plan_repair(read_header(path), read_header(base_path) if base_path else None)
 
-    def on_dry_run(self, name, base, output):
+    def on_dry_run(self, name, base, output, overwrite=False):
+        """The plan, its blocking problem (a base is needed, the output exists) first."""
         try:
             plan = self.plan(name, base)
             target = self.output_path(name, output)
         except AstolfoError as exc:
             return error_text(exc)
-        lines = plan.lines() + [f"dry run: nothing written (would write {target})"]
-        if plan.needs_base:
-            lines.append(f"needs a base model: {len(plan.filled)} key(s) are missing")
-        return "\n".join(lines)
+        lines = plan.lines(full=False)      # a missing base comes first ("NOT READY — needs a base model …")
+        if os.path.exists(target) and not overwrite:
+            lines.insert(0, f"NOT READY — {os.path.basename(target)} exists: tick Overwrite an existing file, "
+                            "or change the output file name")
+        lines.append(f"dry run: nothing written (would write {target})")
+        return plain(tab_words("\n".join(lines)))
 
-    def repair(self, name, base, output):
+    def repair(self, name, base, output, overwrite=False):
         """Write the repaired copy (blocking); returns (message, checkpoint dropdown update)."""
         try:
             target = self.output_path(name, output)
-            if os.path.exists(target):
+            if os.path.exists(target) and not overwrite:
                 raise OutputExistsError(target)
             plan = self.plan(name, base)
+            if plan.needs_base:
+                raise AstolfoError(plan.blocker())
             base_path = self.base_path(base)
             sha = HashCache().sha256(base_path)[:10] if base_path and plan.filled else None
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            result = run_repair(plan, target, overwrite=False, base_sha256=sha)
+            result = run_repair(plan, target, overwrite=bool(overwrite), base_sha256=sha)
         except AstolfoError as exc:
             return error_text(exc), gr.update()
         note = self.host.after_merge(result)
-        text = result.summary() + (f"\n  {note}" if note else "")
+        text = plain(tab_words(result.summary())) + (f"\n  {note}" if note else "")
         return text, gr.update(choices=self.names())
 
-    def on_repair(self, name, base, output):
+    def on_repair(self, name, base, output, overwrite=False):
         """Generator event: progress lines while `repair` runs on a worker thread."""
-        yield from run_in_thread(lambda: self.repair(name, base, output),
+        yield from run_in_thread(lambda: self.repair(name, base, output, overwrite),
                                  lambda s: (f"repairing {name} … {s:.0f} s", gr.update()))
 
     def on_refresh(self):
         self.host.refresh()
         return gr.update(choices=self.names()), gr.update(choices=self.names(with_none=True))
+
+    def list_outputs(self) -> list:
+        """The widgets listing models (the Merge sub-tab refreshes them after a merge)."""
+        return [self.model, self.base]
+
+    def list_updates(self) -> dict:
+        return {self.model: gr.update(choices=self.names()), self.base: gr.update(choices=self.names(with_none=True))}
 
     # -- layout ---------------------------------------------------------------------------------
     def build(self):
@@ -108,17 +143,20 @@ class RepairPanel:
         self.report = gr.Textbox(label="Report", lines=12, max_lines=30, interactive=False, elem_id=f"{ELEM}_report")
         with gr.Row():
             self.output = gr.Textbox(label="Output file name", placeholder="<stem>-repaired.safetensors",
-                                     info=f"written to {self.host.output_dir()}; never replaces a file",
+                                     info=f"written to {self.host.output_dir()}; never the checkpoint itself",
                                      elem_id=f"{ELEM}_output", lines=1, max_lines=1, scale=3)
+            self.overwrite = gr.Checkbox(value=False, label="Overwrite an existing file", elem_id=f"{ELEM}_overwrite",
+                                         scale=1)
             self.dry_run = gr.Button("Dry run", elem_id=f"{ELEM}_dry_run", scale=1, min_width=90)
             self.run = gr.Button("Repair to new file", variant="primary", elem_id=f"{ELEM}_run", scale=1, min_width=90)
         self.result = gr.Textbox(label="Plan / result", lines=10, max_lines=30, interactive=False, elem_id=f"{ELEM}_result")
-        for widget in (self.model, self.base, self.output):
+        for widget in (self.model, self.base, self.output, self.overwrite):
             widget.do_not_save_to_config = True
-        listen(self.model.change, self.on_inspect, [self.model], [self.report, self.output])
+        listen(self.model.change, self.on_inspect, [self.model, self.base], [self.report, self.output, self.base])
         listen(self.refresh.click, self.on_refresh, [], [self.model, self.base])
-        listen(self.dry_run.click, self.on_dry_run, [self.model, self.base, self.output], [self.result])
-        listen(self.run.click, self.on_repair, [self.model, self.base, self.output], [self.result, self.model])
+        listen(self.dry_run.click, self.on_dry_run, [self.model, self.base, self.output, self.overwrite], [self.result])
+        self.run_event = listen(self.run.click, self.on_repair, [self.model, self.base, self.output, self.overwrite],
+                                [self.result, self.model])
         return self
 
 

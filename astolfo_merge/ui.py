@@ -18,7 +18,6 @@ import gradio as gr
 import torch
 
 from . import jobs
-from .errors import AstolfoError
 from .methods import METHODS
 from .recipe import OUTPUT_DTYPES
 from .ui_catalog import default_catalog
@@ -26,6 +25,7 @@ from .ui_compat import listen, make, poll_options
 from .ui_forms import BlockWeights, ParamForm
 from .ui_handlers import TabHandlers
 from .ui_state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of
+from .ui_words import error_text
 
 ELEM = "astolfo_merge"
 NONE = "(none)"
@@ -42,8 +42,9 @@ def build_tab(host, catalog=None) -> gr.Blocks:
     return MergerTab(host, catalog).build()
 
 
-def add_feature_tabs(host):
-    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS)."""
+def add_feature_tabs(host, panels: dict | None = None):
+    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS); their
+    builders' return values (the panels) go into `panels` by title when it is given."""
     added = []
     for title, modules in FEATURE_TABS:
         for name in modules:
@@ -56,8 +57,10 @@ def add_feature_tabs(host):
             builder = getattr(module, "build_ui", None)
             if callable(builder):
                 with gr.Tab(title, elem_id=f"{ELEM}_tab_{title.lower()}"):
-                    builder(host)
+                    panel = builder(host)
                 added.append(title)
+                if panels is not None:
+                    panels[title] = panel
                 break
     return added
 
@@ -76,6 +79,7 @@ class MergerTab(TabHandlers):
         self.methods = dict(METHODS)
         self.default_method = "weighted_sum" if "weighted_sum" in self.methods else next(iter(self.methods))
         self.infos = []
+        self.panels = {}      # feature sub-tabs (Repair, Analysis) by title, once built
         self.reload_models()
 
     # -- layout -------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ class MergerTab(TabHandlers):
                             self._output_section()
                             self._run_section()
                             self._recipe_section()
-                add_feature_tabs(self.host)
+                add_feature_tabs(self.host, self.panels)
             self._wire()
         self._not_persisted()
         return blocks
@@ -270,9 +274,14 @@ class MergerTab(TabHandlers):
         return [self.device, self.threads, self.memory, self.overwrite]
 
     def list_outputs(self) -> list:
-        """Every widget that lists models (refreshed after a merge or a folder change)."""
+        """Every widget that lists models (refreshed after a merge or a folder change), the feature
+        sub-tabs' lists included."""
         return [self.pool, self.base, self.recipe_source, self.saved_recipes, self.lora_box] + \
-            [row[k] for row in self.comp.values() for k in ("take", "pool")] + [row[0] for row in self.lora_rows]
+            [row[k] for row in self.comp.values() for k in ("take", "pool")] + [row[0] for row in self.lora_rows] + \
+            [w for panel in self.list_panels() for w in panel.list_outputs()]
+
+    def list_panels(self) -> list:
+        return [p for p in self.panels.values() if hasattr(p, "list_outputs") and hasattr(p, "list_updates")]
 
     def _wire(self):
         pool_out = self.pool_change_outputs()
@@ -280,13 +289,18 @@ class MergerTab(TabHandlers):
         listen(self.pool.input, self.on_pool_input, [self.pool, self.filter, *self.pool_context()], pool_out)
         listen(self.select_shown.click, self.on_select_shown, [self.filter, *self.pool_context()], pool_out)
         listen(self.select_none.click, self.on_select_none, [self.filter, *self.pool_context()], pool_out)
+        listen(self.base.change, self.on_base_change, [self.selection, self.base], [self.pool_summary])
         listen(self.refresh.click, self.on_refresh, [self.filter, self.selection], self.list_outputs())
         # `.input` (user edits only): loading a recipe sets the method *and* its parameters.
         listen(self.method.input, self.on_method, [self.method, self.selection, self.output_name, self.auto_name],
                [*self.main_form.components, self.method_help, self.mbw.enabled, self.output_name, self.auto_name])
         listen(self.mbw.preset.change, self.on_preset, [self.mbw.preset, self.selection], self.mbw.components)
+        lock_inputs = [self.method, self.selection, *[row["mode"] for row in self.comp.values()]]
         for row in self.comp.values():
             listen(row["mode"].change, self.on_component_mode, [row["mode"]], [row["take"], row["own"]])
+            listen(row["mode"].change, self.on_method_lock, lock_inputs, self.method_controls())
+        if hasattr(self.pool_summary, "change"):   # the pool's architecture decides which components count
+            listen(self.pool_summary.change, self.on_method_lock, lock_inputs, self.method_controls())
             listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
         form, run = self.form_inputs(), self.run_inputs()
         listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
@@ -306,6 +320,13 @@ class MergerTab(TabHandlers):
         listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
                self.on_upload, [self.upload, self.filter], load_out)
         listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out)
+        for panel in self.panels.values():     # a repaired file joins every list of the tab and the WebUI's
+            done = getattr(panel, "run_event", None)
+            if done is not None and hasattr(done, "then"):
+                dep = listen(done.then, self.on_lists_changed, [self.filter, self.selection],
+                             [*self.list_outputs(), self.event])
+                listen(dep.then, None, [self.event], [],
+                       js="(event) => { if (window.astolfoMergeAfterPoll) astolfoMergeAfterPoll(event); return []; }")
 
     def pool_context(self) -> list:
         return [self.selection, self.base, self.method, self.output_name, self.auto_name]
@@ -320,7 +341,7 @@ class MergerTab(TabHandlers):
                                   [self.lora_box, self.method_help, self.message, self.recipe_json]))
 
     def error_text(self, exc: Exception) -> str:
-        return f"**Error:** {exc}" if isinstance(exc, AstolfoError) else f"**Internal error:** {exc.__class__.__name__}: {exc}"
+        return error_text(exc)
 
     def recipes_dir(self) -> str:
         return self.host.recipes_dir()

@@ -11,13 +11,13 @@ import json
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import arch as archmod
 from .checkpoint import read_header
 from .errors import AstolfoError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: ModelInfo.partial, status wording
 BASE_NAME = re.compile(r"(^|[^a-z])(base|v1-5-pruned|sd-v1-5|sd_v1-5|v2-1_(512|768)|512-base|768-v-ema)([^a-z]|$)", re.I)
 PREDICTION_TITLES = {"epsilon": "eps", "v": "v-pred", "edm-v": "EDM v-pred", "edm": "EDM eps"}
 
@@ -36,6 +36,7 @@ class ModelInfo:
     status: str = ""          # complete | complete, N optional key(s) missing | partial: ... | not mergeable: ...
     mergeable: bool = False
     has_recipe: bool = False
+    partial: list = field(default_factory=list)   # components that are not complete (partial or absent)
 
     @property
     def label(self) -> str:
@@ -80,13 +81,14 @@ def describe(name: str, path: str) -> ModelInfo:
     info.arch, info.scale, info.title, info.mergeable = ident.arch, ident.scale, ident.title, True
     info.prediction = PREDICTION_TITLES.get(ident.prediction, ident.prediction) + (" + ztSNR" if ident.ztsnr else "")
     info.status = _repair_status(ident)
+    info.partial = list(ident.partial_components)
     return info
 
 
 def _repair_status(ident) -> str:
     partial = [c for c in ident.partial_components]
     if partial:
-        return "partial: " + ", ".join(c.upper() for c in partial) + " — repair first"
+        return "partial: " + ", ".join(c.upper() for c in partial) + " — a base fills it (Base model, or Repair)"
     optional = sum(len(c.missing_optional) for c in ident.components.values())
     if optional:
         return f"complete, {optional} optional key(s) missing"

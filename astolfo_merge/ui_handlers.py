@@ -9,23 +9,30 @@ from __future__ import annotations
 import html
 import os
 import re
+import time
 
 import gradio as gr
 
 from . import jobs, trials
 from .checkpoint import read_header
-from .errors import AstolfoError, OutputExistsError, RecipeError
+from .errors import AstolfoError, MemoryBudgetError, OutputExistsError, RecipeError
 from .paths import check_recipe_size, confine_recipe, recipe_path
 from .plan import GIB
 from .recipe import load_recipe, parse_recipe, recipe_from_metadata
 from .ui_catalog import format_size, guess_base, pool_arch
 from .ui_compat import file_value_bytes
 from .ui_forms import preset_values
+from .ui_words import plain, tab_words
 from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, ComponentChoice, FormState, auto_output_name,
                        components_of, loras_from_rows, lora_rows, merge_selection, recipe_doc, state_from_recipe)
 
 NONE = "(none)"
 LOG_TAIL = 40
+PLAN_NOTES = 8
+LOCKED_NOTE = ("**Every component is taken from a file** (see Components): the method, its parameters and the "
+               "block weights are not used. Set a component back to *Main method* to use them.")
+# plan notes (plan.Notes) about keys the output would lack or merge from fewer inputs: shown first
+PLAN_WARNINGS = ("left out (repair the inputs first)", "merged from the inputs that have them")
 POOL_SUMMARY_NAMES = 12
 
 
@@ -88,6 +95,8 @@ class TabHandlers:
         updates[self.lora_box] = gr.update(visible=len(loras) > 1)
         for row in self.lora_rows:
             updates[row[0]] = gr.update(choices=loras)
+        for panel in self.list_panels():
+            updates.update(panel.list_updates())
         return updates
 
     # -- pool -------------------------------------------------------------------------------------
@@ -110,6 +119,14 @@ class TabHandlers:
     def on_select_none(self, filter_text, selection, base, method, output_name, auto_name):
         return self.pool_changed([], filter_text, base, method, output_name, auto_name)
 
+    def on_lists_changed(self, filter_text, selection):
+        """After a file was written elsewhere in the tab (a repair): every list shows it, and the page
+        script refreshes the WebUI's checkpoint list (a new value of the event box, as after a merge)."""
+        self.reload_models()
+        updates = self.list_updates(filter_text, selection)
+        updates[self.event] = f"files:{time.time_ns()}"
+        return fill([*self.list_outputs(), self.event], updates)
+
     def on_refresh(self, filter_text, selection):
         self.host.refresh()
         self.reload_models()
@@ -119,12 +136,14 @@ class TabHandlers:
         """Everything that follows the pool: summary, base guess, output name, layouts by architecture."""
         arch = pool_arch(self.by_name, pool)
         shown = {i.name for i in self.shown(filter_text)}
-        updates = {self.selection: list(pool), self.pool_summary: self.pool_summary_text(pool, arch)}
+        updates = {self.selection: list(pool)}
         if echo_pool:
             updates[self.pool] = gr.update(value=[n for n in pool if n in shown])
         base_info = self.by_name.get(base)
         if pool and (base in (None, "", NONE) or (base_info and arch and base_info.arch != arch)):
-            updates[self.base] = gr.update(value=guess_base(self.infos, arch) or NONE)
+            base = guess_base(self.infos, arch) or NONE
+            updates[self.base] = gr.update(value=base)
+        updates[self.pool_summary] = self.pool_summary_text(pool, arch, base)
         auto = auto_output_name(pool, method) or ""
         if not output_name or output_name == auto_name:
             updates[self.output_name] = auto
@@ -139,7 +158,7 @@ class TabHandlers:
             updates[row["box"]] = gr.update(visible=name in present)
         return updates
 
-    def pool_summary_text(self, pool, arch) -> str:
+    def pool_summary_text(self, pool, arch, base=None) -> str:
         if not pool:
             return "No model selected yet."
         names = " · ".join(f"{n + 1}. `{name}`" for n, name in enumerate(pool[:POOL_SUMMARY_NAMES]))
@@ -152,12 +171,31 @@ class TabHandlers:
         titles = {i.title for i in infos if i and i.arch}
         if len(titles) > 1:
             lines.append(f"⚠ mixed architectures in the pool: {', '.join(sorted(titles))}")
+        base_info = self.by_name.get(base) if base not in (None, "", NONE) else None
         for name, info in zip(pool, infos):
             if info is None:
                 lines.append(f"⚠ `{name}` is not in the models folder")
-            elif not info.mergeable or info.status.startswith("partial"):
+            elif not info.mergeable:
                 lines.append(f"⚠ `{name}`: {info.status}")
+            elif info.status.startswith("partial"):
+                lines.append(self.partial_line(name, info, base_info))
         return "  \n".join(lines)
+
+    @staticmethod
+    def partial_line(name, info, base_info) -> str:
+        """A pool member that lacks keys: filled from the chosen base when it can, else what to do."""
+        comps = ", ".join(c.upper() for c in info.partial) or info.status
+        fills = base_info is not None and base_info.arch == info.arch and base_info.mergeable and \
+            not set(info.partial) & set(base_info.partial)
+        if fills:
+            return f"`{name}`: incomplete {comps} — filled from the base `{base_info.name}` for this merge"
+        if base_info is not None and base_info.arch == info.arch:
+            return f"⚠ `{name}`: incomplete {comps}, and the base `{base_info.name}` lacks it too — pick a complete base"
+        return f"⚠ `{name}`: incomplete {comps} — pick a **Base model** to fill it (or repair it in the Repair tab)"
+
+    def on_base_change(self, selection, base):
+        pool = list(selection or [])
+        return self.pool_summary_text(pool, pool_arch(self.by_name, pool), base)
 
     # -- method and forms -------------------------------------------------------------------------
     def method_help_text(self, name) -> str:
@@ -188,6 +226,28 @@ class TabHandlers:
             return fill(self.mbw.components, {})
         arch = pool_arch(self.by_name, selection or []) or "sd1"
         return fill(self.mbw.components, self.mbw.set_updates(arch, preset_values(preset, arch)))
+
+    def method_controls(self) -> list:
+        """The widgets that only matter while some component is merged (locked when none is)."""
+        return [self.method, self.method_help, *self.main_form.components, self.mbw.enabled]
+
+    def all_taken(self, selection, mode_labels) -> bool:
+        """Every component the pool's architecture has is taken whole from a file (or kept from the base)."""
+        arch = pool_arch(self.by_name, selection or [])
+        present = components_of(arch) if arch else tuple(self.comp)
+        modes = dict(zip(self.comp, mode_labels))
+        return all(MODE_OF_LABEL.get(modes.get(name), MAIN) in (TAKE, BASE) for name in present)
+
+    def on_method_lock(self, method, selection, *mode_labels):
+        """Grey out the method, its parameters and MBW while no component uses them (with a note)."""
+        locked = self.all_taken(selection, mode_labels)
+        m = self.methods.get(method)
+        help_text = (LOCKED_NOTE if locked else self.method_help_text(method))
+        updates = {self.method: gr.update(interactive=not locked), self.method_help: help_text,
+                   self.mbw.enabled: gr.update(interactive=not locked and bool(m and m.block_param))}
+        for slot in self.main_form.components:
+            updates[slot] = gr.update(interactive=not locked)
+        return fill(self.method_controls(), updates)
 
     def on_component_mode(self, mode_label):
         mode = MODE_OF_LABEL.get(mode_label, MAIN)
@@ -258,20 +318,37 @@ class TabHandlers:
                                       overwrite=bool(overwrite))
 
     # -- plan, merge, cancel ----------------------------------------------------------------------
+    def plan_blockers(self, plan, options) -> list:
+        """What would stop Merge with this plan and these run options (shown before the plan)."""
+        out = []
+        if plan.output and os.path.exists(plan.output) and not options.overwrite:
+            out.append(f"`{os.path.basename(plan.output)}` exists: tick **Overwrite an existing file** or change "
+                       "the **File name**")
+        try:
+            plan.check_budget(options.memory_gb)
+        except MemoryBudgetError as exc:
+            out.append(tab_words(str(exc)))
+        return out
+
     def plan_text(self, plan, options) -> str:
+        """Blocking problems first, then notes that need the user (keys left out), then the plan."""
         merged = sum(1 for k in plan.keys if k.action == "merge")
         peak = plan.peak_bytes(int(options.memory_gb * GIB))
-        lines = [f"**Plan:** {plan.arch.upper()} · {len(plan.sources)} input file(s) · {len(plan.keys)} keys "
-                 f"({merged} merged, {len(plan.keys) - merged} copied) · output {format_size(plan.output_bytes)}",
-                 f"Predicted peak memory: **{peak / GIB:.2f} GiB** (budget {options.memory_gb:g} GB) · "
-                 f"device {options.device} · threads {options.threads or 'auto'}",
-                 "Components: " + "; ".join(f"{k}: {v}" for k, v in plan.component_summary.items())]
-        lines += [f"note: {line}" for line in plan.log[:8]]
-        if len(plan.log) > 8:
-            lines.append(f"… {len(plan.log) - 8} more notes")
-        if os.path.exists(plan.output):
-            lines.append(f"⚠ `{os.path.basename(plan.output)}` exists" +
-                         (" and will be replaced" if options.overwrite else "; tick *Overwrite* or change the name"))
+        lines = [f"**Merge would stop:** {b}" for b in self.plan_blockers(plan, options)]
+        urgent = [n for n in plan.log if n.endswith(PLAN_WARNINGS)]
+        advice = "pick a complete **Base model**" if plan.recipe.base else "pick a **Base model** to fill them"
+        lines += [f"⚠ {tab_words(n)} — {advice}" for n in urgent]
+        lines += [f"**Plan:** {plan.arch.upper()} · {len(plan.sources)} input file(s) · {len(plan.keys)} keys "
+                  f"({merged} merged, {len(plan.keys) - merged} copied) · output {format_size(plan.output_bytes)}",
+                  f"Predicted peak memory: **{peak / GIB:.2f} GiB** (budget {options.memory_gb:g} GB) · "
+                  f"device {options.device} · threads {options.threads or 'auto'}",
+                  "Components: " + "; ".join(f"{k}: {v}" for k, v in plan.component_summary.items())]
+        notes = [n for n in plan.log if n not in urgent]
+        lines += [f"note: {tab_words(line)}" for line in notes[:PLAN_NOTES]]
+        if len(notes) > PLAN_NOTES:
+            lines.append(f"… {len(notes) - PLAN_NOTES} more notes (in the log once the merge runs)")
+        if plan.output and os.path.exists(plan.output) and options.overwrite:
+            lines.append(f"⚠ `{os.path.basename(plan.output)}` exists and will be replaced")
         return "  \n".join(lines)
 
     def prepare(self, values):
@@ -338,11 +415,14 @@ class TabHandlers:
             return ('<div class="astolfo-progress" data-status="idle" data-active="0">'
                     '<div class="astolfo-progress-text">No merge yet.</div></div>')
         pct = 100 * snap.fraction
-        text = f"{snap.status} · {snap.keys_done}/{snap.keys_total} keys · {pct:.0f}% · {fmt_seconds(snap.elapsed)}"
-        if snap.status == jobs.RUNNING and snap.eta is not None:
+        if snap.stage:   # before the first key (hashing the inputs): no key count, no ETA
+            text = f"{snap.status} · {snap.stage} · {fmt_seconds(snap.elapsed)}"
+        else:
+            text = f"{snap.status} · {snap.keys_done}/{snap.keys_total} keys · {pct:.0f}% · {fmt_seconds(snap.elapsed)}"
+        if snap.status == jobs.RUNNING and snap.eta is not None and not snap.stage:
             text += f" · ETA {fmt_seconds(snap.eta)}"
         if snap.error:
-            text += f" — {snap.error}"
+            text += f" — {plain(tab_words(snap.error))}"
         return (f'<div class="astolfo-progress" data-status="{snap.status}" data-active="{int(snap.active)}" '
                 f'data-done="{snap.keys_done}" data-total="{snap.keys_total}" data-job="{snap.id}">'
                 f'<div class="astolfo-progress-track"><div class="astolfo-progress-fill astolfo-{snap.status}" '
@@ -351,7 +431,7 @@ class TabHandlers:
 
     def summary_text(self, snap) -> str:
         if snap.status != jobs.DONE or snap.result is None:
-            return f"**{snap.status.capitalize()}:** {snap.error or ''}"
+            return f"**{snap.status.capitalize()}:** {tab_words(snap.error or '')}"
         r = snap.result
         comps = "  \n".join(f"- {k}: {v}" for k, v in r.components.items())
         return (f"**Done** in {fmt_seconds(r.seconds)} · {format_size(r.size)} · {r.keys} keys  \n"

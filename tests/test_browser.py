@@ -162,3 +162,46 @@ def test_merge_in_the_browser_matches_the_cli_and_cancel_leaves_no_file(app, pag
     cli_output, _ = cli.communicate(timeout=60)
     assert cli.returncode == 0, cli_output
     assert sha256(cli_dir / name) == sha256(out)
+
+
+def test_a_partial_model_the_method_lock_and_repair_in_the_browser(app, page, make_checkpoint):
+    """The events behind HOSTS.md's Forge Classic findings: the pool note follows the base, the method
+    greys out when every component is taken, Repair presets a base and its file joins the pool."""
+    from astolfo_merge import arch
+    models = app["models"]
+    drop = [k for k in arch.layout("sdxl", 64) if k.startswith("first_stage_model.")]
+    make_checkpoint("sdxl-novae.safetensors", "sdxl", variant=5, drop=drop, folder=models)
+    app["ready"]()
+    page.goto(app["url"])
+    page.locator("#astolfo_merge_refresh").click()
+    page.wait_for_selector("#astolfo_merge_pool label >> text=sdxl-novae.safetensors")
+    pick(page, "sdxl-a.safetensors")
+    pick(page, "sdxl-novae.safetensors")
+    summary = "document.querySelector('#astolfo_merge_pool_summary').innerText"
+    page.wait_for_function(f"{summary}.includes('filled from the base sdxl-base.safetensors')")
+    page.locator("#astolfo_merge_base input").first.click()
+    page.locator("ul.options li", has_text="(none)").first.click()
+    page.wait_for_function(f"{summary}.includes('pick a Base model to fill it')")
+
+    page.locator("#astolfo_merge_components").locator("button, .label-wrap").first.click()
+    slider = page.locator("#astolfo_merge_param_slider0 input[type=number]")
+    assert slider.is_enabled()
+    for comp in ("unet", "te0", "te1", "vae"):
+        page.locator(f"#astolfo_merge_comp_{comp}_mode label", has_text="Keep base").click()
+    page.wait_for_function("document.querySelector('#astolfo_merge_param_slider0 input[type=number]').disabled")
+    assert "not used" in page.locator("#astolfo_merge_method_help").first.inner_text()
+    page.locator("#astolfo_merge_comp_unet_mode label", has_text="Main method").click()
+    page.wait_for_function("!document.querySelector('#astolfo_merge_param_slider0 input[type=number]').disabled")
+
+    page.locator("button", has_text="Repair").first.click()
+    page.locator("#astolfo_merge_repair_model input").first.click()
+    page.locator("ul.options li", has_text="sdxl-novae.safetensors").first.click()
+    page.wait_for_function("document.querySelector('#astolfo_merge_repair_base input').value === 'sdxl-base.safetensors'")
+    page.locator("#astolfo_merge_repair_dry_run").click()
+    result = "document.querySelector('#astolfo_merge_repair_result textarea').value"
+    page.wait_for_function(f"{result}.includes('fill from base: VAE 248')")
+    page.locator("#astolfo_merge_repair_run").click()
+    page.wait_for_function(f"{result}.startsWith('wrote')", timeout=60_000)
+    assert (models / "sdxl-novae-repaired.safetensors").is_file()
+    page.locator("button", has_text="Merge").first.click()
+    page.wait_for_selector("#astolfo_merge_pool label >> text=sdxl-novae-repaired.safetensors")

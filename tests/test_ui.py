@@ -187,7 +187,7 @@ def test_the_recipe_embedded_in_a_merged_checkpoint_loads_into_the_form(tab):
 
 def test_a_broken_recipe_file_is_reported_not_raised(tab):
     got = outputs(tab, tab.on_upload(b'{"pool": [], "method": "weighted_sum"}', ""), tab.load_recipe_outputs())
-    assert "Error" in got[tab.message] and "pool" in got[tab.message]
+    assert got[tab.message] == "**Error:** **Pool**: must be a non-empty list of file names"
 
 
 def test_feature_subtabs_appear_when_their_module_exists(models, monkeypatch):
@@ -258,3 +258,120 @@ def test_any_recipe_loaded_into_the_form_comes_back_unchanged(tab, doc):
     form = Form(tab).apply(got)
     _message, recipe_json = tab.on_check(*form.values)
     assert json.loads(recipe_json) == parse_recipe(doc).to_dict()
+
+
+# --- rough edges seen in a real WebUI (issue 16) -------------------------------------------------
+
+SDXL_VAE = [k for k in __import__("astolfo_merge.arch", fromlist=["layout"]).layout("sdxl", 64)
+            if k.startswith("first_stage_model.")]
+
+
+def test_the_first_seconds_show_the_hashing_stage_and_no_eta(models, tmp_path):
+    from astolfo_merge.checkpoint import HashCache
+    from astolfo_merge.engine import RunOptions, run_merge
+    from astolfo_merge.plan import build_plan
+    plan = build_plan(parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "n_average"}),
+                      str(models), str(tmp_path / "out.safetensors"))
+    seen = []
+    run_merge(plan, RunOptions(hash_cache=HashCache(str(tmp_path / "hashes.json"))), progress=seen.append)
+    hashing = [p for p in seen if p.stage]
+    assert [p.stage for p in hashing] == ["hashing inputs 1/2", "hashing inputs 2/2"]
+    assert seen[:2] == hashing and all(p.keys_done == 0 and p.eta is None for p in hashing)
+    assert all(not p.stage for p in seen[2:]), "the stage ends when the keys start"
+
+
+def test_the_eta_waits_for_a_few_percent_and_seconds_of_merging():
+    from astolfo_merge.engine import merge_eta
+    assert merge_eta(9.0, 1, 1000) is None, "hashing time never counts; 0.1 % says nothing yet"
+    assert merge_eta(1.0, 500, 1000) is None, "under 2 s of merging"
+    assert merge_eta(4.0, 100, 1000) == pytest.approx(36.0)
+
+
+def test_the_progress_bar_names_the_hashing_stage_instead_of_zero_keys(tab):
+    snap = jobs.Snapshot("job-1", "m.safetensors", jobs.RUNNING, keys_total=1143, elapsed=9.0, eta=156000.0,
+                         stage="hashing inputs 2/5")
+    text = tab.progress_html(snap)
+    assert "hashing inputs 2/5" in text and "keys" not in text and "ETA" not in text
+    snap.stage, snap.keys_done, snap.fraction, snap.eta = "", 300, 0.3, 20.0
+    assert "300/1143 keys" in tab.progress_html(snap) and "ETA 20.0 s" in tab.progress_html(snap)
+
+
+def test_errors_name_the_tabs_widgets_not_recipe_fields_or_cli_flags(tab, models):
+    form = Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors").set(tab.output_name, "taken.safetensors")
+    (models / "taken.safetensors").write_bytes(b"mine")
+    message = tab.on_merge(*form.values)[0]
+    assert "tick **Overwrite an existing file**" in message and "--overwrite" not in message
+    form.set(tab.output_name, "").set(tab.comp["vae"]["mode"], MODES["take"])
+    message = tab.on_check(*form.values)[0]
+    assert message == "**Error:** **VAE from** (Components → VAE): pick the model to take it from"
+    form.set(tab.comp["vae"]["mode"], MODES["main"]).set(tab.method, "add_difference").set(tab.base, "(none)")
+    assert tab.on_check(*form.values)[0] == "**Error:** **Base model**: method 'add_difference' needs a base model"
+
+
+def test_the_tab_words_cover_the_backends_cli_advice():
+    from astolfo_merge.ui_words import field_label, tab_words
+    assert field_label("components.te0.params.alpha") == "**alpha** (Components → TE0 (CLIP-L) → own method)"
+    assert field_label("pool[1]") == "**Pool** (model 2)" and field_label("params.alpha") == "**alpha** (method parameter)"
+    for text in ("x: output exists; pass --overwrite (or 'overwrite': true) to replace it",
+                 "inputs disagree on the prediction type (…); set 'allow_mixed_prediction': true to merge them anyway",
+                 "a has no VAE and there is no base to fill it from: add a base, or set components.vae.take / components.vae.pool",
+                 "b has no UNET (a component-only file?); it cannot be a pool member: use it as components.<vae|te0|te1>.take instead",
+                 "f: 3 key(s) are missing (…); pass --base BASE, a complete SDXL model, to fill them",
+                 "this merge needs about 3.10 GiB but the budget is 1.00 GiB; raise --memory-gb to at least 3.1"):
+        said = tab_words(text)
+        assert "--" not in said and "components." not in said and "'allow_mixed_prediction'" not in said, said
+
+
+def test_check_plan_without_a_base_says_so_first_and_sums_up_missing_keys_per_component(tab, models, make_checkpoint):
+    make_checkpoint("sdxl-novae.safetensors", "sdxl", variant=5, drop=SDXL_VAE, folder=models)
+    tab.reload_models()
+    form = Form(tab).pool("sdxl-a.safetensors", "sdxl-novae.safetensors").set(tab.base, "(none)")
+    message = tab.on_check(*form.values)[0]
+    assert message.startswith("**Error:**") and "no base to fill it from" in message and "Plan" not in message
+    (models / "out.safetensors").write_bytes(b"x")
+    form.set(tab.base, "sdxl-base.safetensors").set(tab.output_name, "out.safetensors")
+    lines = tab.on_check(*form.values)[0].split("  \n")
+    assert lines[0].startswith("**Merge would stop:** `out.safetensors` exists: tick **Overwrite")
+    vae = [line for line in lines if "VAE:" in line]
+    assert vae == [f"note: VAE: 248 of 248 key(s) ({SDXL_VAE[0]}, {SDXL_VAE[1]}, … (+246)): sdxl-novae.safetensors "
+                   "lack(s) them; filled from the base sdxl-base.safetensors (1 of 2 inputs have their own)"]
+
+
+def test_the_pool_says_the_chosen_base_fills_a_partial_model(tab, models, make_checkpoint):
+    make_checkpoint("sdxl-novae.safetensors", "sdxl", variant=5, drop=SDXL_VAE, folder=models)
+    tab.reload_models()
+    pool = ["sdxl-a.safetensors", "sdxl-novae.safetensors"]
+    got = outputs(tab, tab.on_pool_input(pool, "", [], "(none)", "weighted_sum", "", ""), tab.pool_change_outputs())
+    assert got[tab.base]["value"] == "sdxl-base.safetensors"
+    assert "`sdxl-novae.safetensors`: incomplete VAE — filled from the base `sdxl-base.safetensors`" in got[tab.pool_summary]
+    assert "repair first" not in got[tab.pool_summary]
+    assert "pick a **Base model** to fill it" in tab.on_base_change(pool, "(none)")
+
+
+def test_with_every_component_taken_the_method_controls_are_greyed_with_a_note(tab):
+    names = list(tab.comp)
+    taken = {name: MODES["take"] for name in names}
+    got = outputs(tab, tab.on_method_lock("weighted_sum", ["sd1-a.safetensors"], *taken.values()), tab.method_controls())
+    assert got[tab.method]["interactive"] is False and got[tab.mbw.enabled]["interactive"] is False
+    assert all(got[c]["interactive"] is False for c in tab.main_form.components)
+    assert "not used" in got[tab.method_help]
+    sd1_all_taken = {**taken, "te1": MODES["main"], "vae": MODES["base"]}   # SD1 has no TE1
+    got = outputs(tab, tab.on_method_lock("weighted_sum", ["sd1-a.safetensors"], *sd1_all_taken.values()),
+                  tab.method_controls())
+    assert got[tab.method]["interactive"] is False
+    one_merged = {**taken, "unet": MODES["main"]}
+    got = outputs(tab, tab.on_method_lock("weighted_sum", ["sd1-a.safetensors"], *one_merged.values()),
+                  tab.method_controls())
+    assert got[tab.method]["interactive"] is True and got[tab.mbw.enabled]["interactive"] is True
+    assert got[tab.method_help].startswith("**Weighted sum")
+
+
+def test_after_a_merge_the_repair_and_analysis_lists_show_the_new_file(tab):
+    assert set(tab.panels) == {"Repair", "Analysis"}
+    repair_model = tab.panels["Repair"].model
+    assert repair_model in tab.list_outputs() and tab.panels["Analysis"].models in tab.list_outputs()
+    tab.on_merge(*Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors").values)
+    job = finish(tab)
+    poll_out = [tab.progress, tab.log, tab.summary, tab.load, tab.seen, tab.event, *tab.list_outputs()]
+    got = outputs(tab, tab.on_poll({}, "", []), poll_out)
+    assert tab.host.name_of(job.result.path) in got[repair_model]["choices"]

@@ -53,8 +53,8 @@ def test_the_tab_has_repair_and_analysis_sub_tabs(host):
 
 def test_repair_fills_a_pruned_model_from_the_base_into_a_new_file_and_lists_it(host, models, make_checkpoint):
     make_checkpoint("novae.safetensors", "sd1", variant=5, drop=SD1_VAE, folder=models)
-    panel = RepairPanel(host)
-    report, default_name = panel.on_inspect("novae.safetensors")
+    panel = RepairPanel(host, CATALOG)
+    report, default_name, _base = panel.on_inspect("novae.safetensors")
     assert "VAE" in report and default_name == "novae-repaired.safetensors"
     plan_text = panel.on_dry_run("novae.safetensors", "sd1-base.safetensors", "")
     assert "fill from base" in plan_text and not (models / default_name).exists()
@@ -70,13 +70,13 @@ def test_repair_fills_a_pruned_model_from_the_base_into_a_new_file_and_lists_it(
 def test_repair_never_replaces_an_existing_file(host, models, make_checkpoint):
     make_checkpoint("novae.safetensors", "sd1", variant=5, drop=SD1_VAE, folder=models)
     (models / "taken.safetensors").write_bytes(b"keep me")
-    text, _ = RepairPanel(host).repair("novae.safetensors", "sd1-base.safetensors", "taken.safetensors")
+    text, _ = RepairPanel(host, CATALOG).repair("novae.safetensors", "sd1-base.safetensors", "taken.safetensors")
     assert "exists" in text and (models / "taken.safetensors").read_bytes() == b"keep me"
 
 
 def test_repair_without_a_base_says_one_is_needed_and_writes_nothing(host, models, make_checkpoint):
     make_checkpoint("novae.safetensors", "sd1", variant=5, drop=SD1_VAE, folder=models)
-    text, _ = RepairPanel(host).repair("novae.safetensors", "(none)", "")
+    text, _ = RepairPanel(host, CATALOG).repair("novae.safetensors", "(none)", "")
     assert "base" in text.lower() and not (models / "novae-repaired.safetensors").exists()
 
 
@@ -139,3 +139,80 @@ def test_the_lora_rows_are_hidden_while_there_is_no_lora(host):
     tab = MergerTab(host, CATALOG)
     tab.build()
     assert tab.lora_choices() == ["(none)"] and tab.lora_box.visible is False
+
+
+# --- the Repair sub-tab and the report as a user met them in Forge Classic (HOSTS.md) -------------
+
+SDXL_VAE = [k for k, s in arch.layout("sdxl", TEST_SCALE).items() if s.component == "vae"]
+
+
+@pytest.fixture
+def novae_xl(models, make_checkpoint):
+    """An SDXL file pruned of its whole VAE, in the models folder."""
+    make_checkpoint("sdxl-novae.safetensors", "sdxl", variant=5, drop=SDXL_VAE, folder=models)
+    return "sdxl-novae.safetensors"
+
+
+def test_repair_presets_a_likely_base_like_the_merge_sub_tab(host, novae_xl):
+    panel = RepairPanel(host, CATALOG)
+    _report, _name, base = panel.on_inspect(novae_xl, "(none)")
+    assert base["value"] == "sdxl-base.safetensors"
+    assert panel.on_inspect("sd1-a.safetensors", "sdxl-base.safetensors")[2]["value"] == "sd1-base.safetensors"
+    assert panel.on_inspect("sd1-a.safetensors", "sd1-c.safetensors")[2]["value"] == "sd1-c.safetensors", \
+        "a base the user picked for the same architecture stays"
+
+
+def test_repair_dry_run_says_first_that_a_base_is_needed_in_the_tabs_words(host, novae_xl):
+    lines = RepairPanel(host, CATALOG).on_dry_run(novae_xl, "(none)", "").splitlines()
+    assert lines[0].startswith("NOT READY — needs a base model: 248 key(s) are missing (VAE 248: ")
+    assert "; pick a Base (a complete SDXL" in lines[0] and lines[0].endswith("model) to fill them")
+    assert len(lines) < 20 and not any("--" in line for line in lines), "one line per component, no CLI flags"
+    text, _ = RepairPanel(host, CATALOG).repair(novae_xl, "(none)", "")
+    assert text.startswith("Error: needs a base model") and "pick a Base" in text and "--base" not in text
+
+
+def test_repair_overwrites_only_with_the_checkbox(host, models, novae_xl):
+    panel = RepairPanel(host, CATALOG)
+    (models / "taken.safetensors").write_bytes(b"keep me")
+    assert "exists: tick Overwrite" in panel.on_dry_run(novae_xl, "sdxl-base.safetensors", "taken").splitlines()[0]
+    text, _ = panel.repair(novae_xl, "sdxl-base.safetensors", "taken.safetensors")
+    assert "tick Overwrite an existing file" in text and "--overwrite" not in text
+    assert (models / "taken.safetensors").read_bytes() == b"keep me"
+    text, _ = panel.repair(novae_xl, "sdxl-base.safetensors", "taken.safetensors", True)
+    assert text.startswith("wrote") and load(models / "taken.safetensors").keys() >= set(SDXL_VAE)
+
+
+def test_correct_position_ids_are_not_reset_and_an_unused_base_is_not_recorded(host, models):
+    import json
+    from astolfo_merge.checkpoint import read_header
+    panel = RepairPanel(host, CATALOG)
+    plan = panel.plan("sdxl-a.safetensors", "sdxl-base.safetensors")
+    assert plan.position_ids == "kept" and "reset" not in plan.summary() and "already 0..76" in plan.summary()
+    text, _ = panel.repair("sdxl-a.safetensors", "sdxl-base.safetensors", "")
+    record = json.loads(read_header(models / "sdxl-a-repaired.safetensors").metadata["astolfo_merge_repair"])
+    assert (record["base"], record["base_sha256"], record["filled"]) == (None, None, 0)
+    assert panel.plan("sdxl-pruned.safetensors", None).position_ids == "added"
+
+
+def test_a_repair_refreshes_the_merge_sub_tabs_lists(host, novae_xl):
+    tab = MergerTab(host, CATALOG)
+    tab.build()
+    panel = tab.panels["Repair"]
+    assert panel.run_event is not None
+    panel.repair(novae_xl, "sdxl-base.safetensors", "")
+    updates = dict(zip([*tab.list_outputs(), tab.event], tab.on_lists_changed("", [])))
+    assert updates[tab.event].startswith("files:"), "the page script refreshes the WebUI's checkpoint list"
+    assert "sdxl-novae-repaired.safetensors" in [name for _label, name in updates[tab.pool]["choices"]]
+    assert "sdxl-novae-repaired.safetensors" in updates[panel.model]["choices"]
+
+
+def test_the_report_quotes_what_the_toolkit_would_print_for_both_pruned_sdxl_files(host, novae_xl):
+    panel = RepairPanel(host, CATALOG)
+    no_ids = panel.on_inspect("sdxl-pruned.safetensors")[0]
+    assert 'its report: "Model type identified as VAE-v1-BROKEN."' in no_ids
+    assert "CLIP-XL-AUX-SD: Missing required keys (1 of 197)" in no_ids and '"BROKEN ARCHITECTURE"' in no_ids
+    no_vae = panel.on_inspect(novae_xl)[0]
+    assert 'its report: "Model type could not be identified." (SD-XL: Missing required classes' in no_vae
+    assert "no -BROKEN type for an SDXL UNET or text encoder" in no_vae and '"UNKNOWN ARCHITECTURE"' in no_vae
+    assert "'Missing VAE keys'" in no_vae and "black" in no_vae
+    assert "--" not in no_vae.replace("—", "")
