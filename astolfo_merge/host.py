@@ -123,14 +123,34 @@ class Host:
 
 def scan_checkpoints(folder: str) -> list:
     """Checkpoint files under `folder`, recursively, like the WebUI lists them: hidden folders,
-    temp files of running merges and `*.vae.*` files are skipped."""
-    found = []
+    temp files of running merges and `*.vae.*` files are skipped. Linked folders are followed, but
+    each real folder is entered once (a link loop neither repeats nor hangs the walk) and a file
+    reached through several links is listed once, under the first path found."""
+    found, seen_dirs, seen_files = [], set(), set()
+
+    def first_visit(path) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:          # a dangling link or a folder that vanished meanwhile
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            return False
+        seen_dirs.add(key)
+        return True
+
+    if not first_visit(folder):
+        return found
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and first_visit(os.path.join(root, d))]
         for name in sorted(files):
             if name.startswith(".") or not is_checkpoint_name(name) or ".vae." in name.lower():
                 continue
-            found.append(os.path.join(root, name))
+            path = os.path.join(root, name)
+            real = os.path.realpath(path)
+            if real not in seen_files:
+                seen_files.add(real)
+                found.append(path)
     return found
 
 

@@ -118,7 +118,10 @@ class RepairPanel:
         listen(self.model.change, self.on_inspect, [self.model], [self.report, self.output])
         listen(self.refresh.click, self.on_refresh, [], [self.model, self.base])
         listen(self.dry_run.click, self.on_dry_run, [self.model, self.base, self.output], [self.result])
-        listen(self.run.click, self.on_repair, [self.model, self.base, self.output], [self.result, self.model])
+        repaired = listen(self.run.click, self.on_repair, [self.model, self.base, self.output], [self.result, self.model])
+        # the WebUI's own checkpoint picker lists the new file right away, as after a merge (page script)
+        listen(repaired.then, None, [], [], js="() => { if (window.astolfoMergeRefreshCheckpoints) "
+                                            "astolfoMergeRefreshCheckpoints(); return []; }")
         return self
 
 

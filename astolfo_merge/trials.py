@@ -49,7 +49,7 @@ def save_template(host, doc: dict) -> str:
 def load_template(host) -> Recipe:
     path = os.path.join(host.recipes_dir(), TEMPLATE_FILE)
     if not os.path.isfile(path):
-        raise RecipeError("(XYZ template)", "no template yet: compose a merge in the Merger tab and press "
+        raise RecipeError("(XYZ template)", "no template yet: compose a merge in the AstolfoMerge tab and press "
                                             "'Use as XYZ template'")
     return load_recipe(path)
 
