@@ -13,8 +13,6 @@ import json
 import os
 import pathlib
 import re
-import runpy
-import sys
 import threading
 import types
 
