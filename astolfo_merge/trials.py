@@ -91,7 +91,7 @@ def load_named_recipe(host, name: str) -> Recipe:
 
 def check(host, recipe: Recipe):
     """Resolve every file of `recipe` now (the grid should fail before its first image)."""
-    build_plan(recipe, host.models_dir(), None)
+    build_plan(host.resolved(recipe), host.models_dir(), None)
 
 
 def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
@@ -103,7 +103,7 @@ def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
         if os.path.isfile(path):
             return path, False
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        plan = build_plan(recipe, host.models_dir(), path)
+        plan = build_plan(host.resolved(recipe), host.models_dir(), path)
         job = jobs.manager(host.key).submit(plan, host.run_options(), title=f"XYZ cell: {recipe.output}",
                                             on_done=on_done, queue=True)
         job.wait(timeout)

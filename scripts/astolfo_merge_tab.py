@@ -171,6 +171,11 @@ class WebuiHost(Host):
     def models_dir(self) -> str:
         return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
 
+    def extra_model_dirs(self) -> list:
+        """The host's other checkpoint folders (Neo's --ckpt-dirs; models/Stable-diffusion beside --ckpt-dir)."""
+        main = os.path.abspath(self.models_dir())
+        return [root for root in checkpoint_roots() if root != main]
+
     def checkpoint_paths(self) -> list:
         """Every listed file once (a link loop or two links to one file list it once)."""
         found = {}

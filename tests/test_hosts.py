@@ -121,10 +121,10 @@ def test_one_axis_the_host_refuses_does_not_stop_the_others(webui_classic):
     assert [o.label for o in fake.xyz.axis_options][1:] == ["[Merger] alpha", "[Merger] LoRA strength"]
 
 
-def test_the_checkpoint_folders_are_the_hosts_own(host, tmp_path, make_checkpoint):
+def test_the_checkpoint_folders_are_the_hosts_own(host, tmp_path_factory, make_checkpoint):
     fake, glue = host
     assert glue.HOST.models_dir() == str(fake.models)
-    extra = tmp_path / "extra-models"
+    extra = tmp_path_factory.mktemp("extra-models")
     (extra / "sub").mkdir(parents=True)
     outside = make_checkpoint("sub/outside.safetensors", "sd1", variant=5, folder=extra)
     if fake.kind == "neo":                           # --ckpt-dirs: more folders; merges still go to model_path
@@ -135,6 +135,17 @@ def test_the_checkpoint_folders_are_the_hosts_own(host, tmp_path, make_checkpoin
         assert glue.HOST.models_dir() == str(extra)
     glue.HOST.refresh()
     assert str(outside) in glue.HOST.checkpoint_paths()
+    # a pool member under a short name ("<folder>/<path inside>"), which plans and XYZ cells resolve
+    label = extra.name if fake.kind == "neo" else fake.models.name
+    named = dict(glue.HOST.named_checkpoints())
+    member = str(outside) if fake.kind == "neo" else str(fake.models / "sd1-a.safetensors")
+    short = next(n for n, p in named.items() if p == member)
+    assert short.startswith(f"{label}/") and not os.path.isabs(short) and glue.HOST.path_of(short) == member
+    partner = next(n for n, p in named.items() if p.endswith("sd1-b.safetensors"))
+    recipe = trials.with_alpha(trials.parse_recipe({"pool": [short, partner], "method": "weighted_sum"}), 0.5)
+    trials.check(glue.HOST, recipe)
+    recipe.output = "mix.safetensors"
+    assert [s.path for s in glue.HOST.plan(recipe).sources][0] == member
     info = glue.find_checkpoint(str(outside))
     assert glue.checkpoint_name(str(outside)) == info.name == os.path.join("sub", "outside.safetensors")
     glue.write_hash(str(outside), "ef" * 32)         # the key the host's own CheckpointInfo reads
