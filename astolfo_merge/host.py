@@ -6,6 +6,7 @@ XYZ trials only ever call these methods.
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -43,6 +44,11 @@ class Host:
         """Every checkpoint file the host knows (absolute paths)."""
         raise NotImplementedError
 
+    def extra_model_dirs(self) -> list:
+        """Checkpoint folders besides `models_dir()` (Forge Neo's --ckpt-dirs; A1111's models folder next
+        to its --ckpt-dir). Their files are named "<folder name>/<path inside it>" (see `name_of`)."""
+        return []
+
     def refresh(self) -> None:
         """Re-scan the folders (the WebUI rebuilds its checkpoint list)."""
 
@@ -74,13 +80,54 @@ class Host:
         return self.settings().output_dir or self.models_dir()
 
     def name_of(self, path: str) -> str:
-        """How a recipe names `path`: relative to the models folder when inside it, else absolute."""
+        """How a recipe names `path`: relative to the models folder when inside it; "<folder name>/<path
+        inside>" when inside one of `extra_model_dirs()` (unless that name is a path in the models
+        folder too); else absolute."""
         path = os.path.abspath(path)
-        root = os.path.abspath(self.models_dir())
-        rel = os.path.relpath(path, root)
-        if rel.startswith(os.pardir) or os.path.isabs(rel):
-            return path
-        return rel.replace(os.sep, "/")
+        rel = os.path.relpath(path, os.path.abspath(self.models_dir()))
+        if not (rel.startswith(os.pardir) or os.path.isabs(rel)):
+            return rel.replace(os.sep, "/")
+        for label, root in self._extra_labels().items():
+            if path.startswith(root + os.sep):
+                name = f"{label}/{os.path.relpath(path, root)}".replace(os.sep, "/")
+                if not os.path.exists(os.path.join(self.models_dir(), name)):
+                    return name
+                break
+        return path
+
+    def _extra_labels(self) -> dict:
+        """folder name -> folder, for `extra_model_dirs()` (two folders of one name: the first one keeps it)."""
+        labels = {}
+        for root in self.extra_model_dirs():
+            root = os.path.abspath(root)
+            labels.setdefault(os.path.basename(root) or root, root)
+        return labels
+
+    def path_of(self, name: str) -> str | None:
+        """The file an extra-folder name (see `name_of`) means, or None for every other name (those
+        resolve against the models folder, as build_plan does)."""
+        if not name or os.path.isabs(name) or os.path.exists(os.path.join(self.models_dir(), name)):
+            return None
+        label, _, inside = name.replace("\\", "/").partition("/")
+        root = self._extra_labels().get(label)
+        return os.path.join(root, *inside.split("/")) if root and inside else None
+
+    def resolved(self, recipe: Recipe) -> Recipe:
+        """`recipe` with extra-folder names replaced by their paths, which build_plan resolves as they are."""
+        if not self.extra_model_dirs():
+            return recipe
+
+        def fix(name):
+            return (self.path_of(name) or name) if isinstance(name, str) else name
+        out = copy.deepcopy(recipe)
+        out.pool = [fix(n) for n in out.pool]
+        out.base = fix(out.base)
+        for rule in out.components.values():
+            rule.pool = [fix(n) for n in rule.pool] if rule.pool else rule.pool
+            rule.base = fix(rule.base)
+            if rule.take and rule.take != "base":
+                rule.take = fix(rule.take)
+        return out
 
     def named_checkpoints(self) -> list:
         """(recipe name, path) of every checkpoint, sorted by name (case-insensitive)."""
@@ -112,7 +159,7 @@ class Host:
         return os.path.join(self.output_dir(), recipe.output)
 
     def plan(self, recipe: Recipe) -> Plan:
-        return build_plan(recipe, self.models_dir(), self.output_path(recipe))
+        return build_plan(self.resolved(recipe), self.models_dir(), self.output_path(recipe))
 
     def run_options(self, overwrite=False, **overrides) -> RunOptions:
         s = self.settings()
@@ -123,14 +170,34 @@ class Host:
 
 def scan_checkpoints(folder: str) -> list:
     """Checkpoint files under `folder`, recursively, like the WebUI lists them: hidden folders,
-    temp files of running merges and `*.vae.*` files are skipped."""
-    found = []
+    temp files of running merges and `*.vae.*` files are skipped. Linked folders are followed, but
+    each real folder is entered once (a link loop neither repeats nor hangs the walk) and a file
+    reached through several links is listed once, under the first path found."""
+    found, seen_dirs, seen_files = [], set(), set()
+
+    def first_visit(path) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:          # a dangling link or a folder that vanished meanwhile
+            return False
+        key = (st.st_dev, st.st_ino)
+        if key in seen_dirs:
+            return False
+        seen_dirs.add(key)
+        return True
+
+    if not first_visit(folder):
+        return found
     for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and first_visit(os.path.join(root, d))]
         for name in sorted(files):
             if name.startswith(".") or not is_checkpoint_name(name) or ".vae." in name.lower():
                 continue
-            found.append(os.path.join(root, name))
+            path = os.path.join(root, name)
+            real = os.path.realpath(path)
+            if real not in seen_files:
+                seen_files.add(real)
+                found.append(path)
     return found
 
 

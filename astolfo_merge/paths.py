@@ -81,7 +81,8 @@ class Folders:
     def __init__(self, host):
         self.host = host
         self.models_dir = host.models_dir()
-        self.models = _folders([self.models_dir, host.output_dir()])
+        extra = host.extra_model_dirs() if hasattr(host, "extra_model_dirs") else []   # Neo's --ckpt-dirs
+        self.models = _folders([self.models_dir, host.output_dir(), *extra])
         self.recipes = _folders([host.recipes_dir()])
         self.loras = _folders([self.models_dir, *host.lora_dirs()])
 
@@ -143,6 +144,8 @@ def recipe_files(recipe) -> list:
 def confine_recipe(host, recipe, output: str | None = None) -> None:
     """Refuse a recipe from the page that names a file outside the host's folders (before any file is read)."""
     folders = Folders(host)
+    if hasattr(host, "resolved"):   # "<folder>/<path>" names of the host's other checkpoint folders
+        recipe = host.resolved(recipe)
     for where, name in recipe_files(recipe):
         folders.model(name, where)
     for i, entry in enumerate(recipe.extra.get("loras") or []):

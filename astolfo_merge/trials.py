@@ -50,7 +50,7 @@ def save_template(host, doc: dict) -> str:
 def load_template(host) -> Recipe:
     path = os.path.join(host.recipes_dir(), TEMPLATE_FILE)
     if not os.path.isfile(path):
-        raise RecipeError("(XYZ template)", "no template yet: compose a merge in the Merger tab and press "
+        raise RecipeError("(XYZ template)", "no template yet: compose a merge in the AstolfoMerge tab and press "
                                             "'Use as XYZ template'")
     return load_recipe(path)
 
@@ -95,7 +95,7 @@ def load_named_recipe(host, name: str) -> Recipe:
 def check(host, recipe: Recipe):
     """Resolve every file of `recipe` now (the grid should fail before its first image)."""
     confine_recipe(host, recipe)
-    build_plan(recipe, host.models_dir(), None)
+    build_plan(host.resolved(recipe), host.models_dir(), None)
 
 
 def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
@@ -108,7 +108,7 @@ def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
             return path, False
         os.makedirs(os.path.dirname(path), exist_ok=True)
         confine_recipe(host, recipe, path)
-        plan = build_plan(recipe, host.models_dir(), path)
+        plan = build_plan(host.resolved(recipe), host.models_dir(), path)
         job = jobs.manager(host.key).submit(plan, host.run_options(), title=f"XYZ cell: {recipe.output}",
                                             on_done=on_done, queue=True)
         job.wait(timeout)

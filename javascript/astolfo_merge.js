@@ -1,4 +1,4 @@
-// AstolfoMerge — page side of the "Merger" tab.
+// AstolfoMerge — page side of the "AstolfoMerge" tab.
 // The WebUI loads every javascript/*.js of an extension (A1111.md §1.3); the standalone app injects
 // this file through a page-load event. It polls the tab's hidden "poll" button while the tab is
 // visible or a merge is active (the server answers with progress, log and, once, the result), and
@@ -8,9 +8,14 @@
     var TICK_MS = 500;       // status requests every 0.5 s while a merge is active …
     var IDLE_MS = 2000;      // … and every 2 s while the tab is merely visible
     var STUCK_MS = 15000;    // a poll whose answer never came back is forgotten after this
+    var PING_MS = 4000;      // while "Load the merged model" runs: is the WebUI still answering?
+    var PING_FAILS = 2;      // … this many unanswered pings in a row: it went away
     var pollSent = 0;
     var lastPoll = 0;
     var lastEvent = "";
+    var loadingSince = 0;    // when "Load the merged model" was pressed; 0 when no load is pending
+    var lastPing = 0;
+    var pingFails = 0;
 
     function root() {
         return typeof gradioApp === "function" ? gradioApp() : document;
@@ -28,8 +33,33 @@
         return progress.offsetParent !== null ? IDLE_MS : 0;
     }
 
+    function showMessage(text) {
+        var box = byId("astolfo_merge_message");
+        if (!box) return;
+        var target = box.querySelector(".prose") || box;
+        target.textContent = text;
+    }
+
+    function watchLoad(now) {
+        // A model load happens inside the WebUI's process: when that process dies (out of memory,
+        // killed), the load's answer never comes back. Say so instead of leaving the page waiting.
+        if (!loadingSince || now - lastPing < PING_MS) return;
+        lastPing = now;
+        fetch(new URL("internal/ping", document.baseURI).href, {cache: "no-store"}).then(function () {
+            pingFails = 0;             // any answer, even an error page, means the server is up
+        }, function () {
+            pingFails += 1;
+            if (loadingSince && pingFails >= PING_FAILS) {
+                loadingSince = 0;
+                showMessage("The WebUI stopped answering while it loaded the model (it may have run out of " +
+                            "memory). The merged file is kept: restart the WebUI and pick it in the checkpoint list.");
+            }
+        });
+    }
+
     function tick() {
         var now = Date.now();
+        watchLoad(now);
         if (pollSent && now - pollSent < STUCK_MS) return;
         var interval = pollInterval();
         var button = byId("astolfo_merge_poll");
@@ -62,14 +92,29 @@
         }
     };
 
-    // Called after "Load the merged model" with the checkpoint title the WebUI knows it by.
+    window.astolfoMergeRefreshCheckpoints = refreshWebuiCheckpoints;
+
+    // Called once "Load the merged model" is over, with the title the WebUI loaded ("" when it did not):
+    // the WebUI's own picker is set to it (the model is loaded already, so that is only the display).
     window.astolfoMergeSelectCheckpoint = function (name) {
+        loadingSince = 0;
         if (name && typeof selectCheckpoint === "function") {
             selectCheckpoint(name);
         }
     };
 
+    function watchLoadButton() {
+        var button = byId("astolfo_merge_load");
+        if (!button || button.dataset.astolfoWatched) return;
+        button.dataset.astolfoWatched = "1";
+        button.addEventListener("click", function () {
+            loadingSince = lastPing = Date.now();
+            pingFails = 0;
+        });
+    }
+
     window.astolfoMergeStart = function () {
+        watchLoadButton();
         if (!window.astolfoMergeTimer) {
             window.astolfoMergeTimer = setInterval(tick, TICK_MS);
         }

@@ -1,19 +1,29 @@
-"""AstolfoMerge in the WebUI: the "Merger" tab, its settings and "[Merger] …" XYZ axes.
+"""AstolfoMerge in the WebUI: the "AstolfoMerge" tab, its settings and "[Merger] …" XYZ axes.
 
 Glue only (ARCHITECTURE.md): the WebUI host below translates between `modules.*` and the
 backend's host interface (astolfo_merge/host.py); the tab, the jobs and the merges are the
-backend's. Contract followed: shared/design/A1111.md (v1.10.1; Forge on gradio 4.40 alike):
-- the package and every submodule used later are imported here, at module level (§1.2);
+backend's. Contract followed: shared/design/A1111.md (v1.10.1) and HOSTS.md (Forge Classic, Forge Neo):
+- every host API is feature-detected by trying the attribute, never by the version string: the
+  checkpoint folders (`--ckpt-dir` on A1111/Classic, the `--ckpt-dirs` list on Neo), the loader
+  (the `sd_model_checkpoint` setting's own reload on A1111/Classic, `checkpoint_change` +
+  `forge_model_reload` on Neo, else "not supported on this host"), the X/Y/Z helpers (Classic keeps
+  them in `lib_xyz`) with local fallbacks;
+- the package and every submodule used later are imported here, at module level (A1111.md §1.2);
 - merges land in `cmd_opts.ckpt_dir or sd_models.model_path`, their sha256 is written into the
-  WebUI's hash cache and `list_models()` runs, so the stock "Checkpoint name" axis sees them (§3.4, §3.6);
+  WebUI's hash cache and the checkpoint list is refreshed so that every title another tab holds
+  stays valid (§3.4, §3.6, §4 item 9);
 - the merge thread and its state live in the package, so "Reload UI" does not orphan them (§1.2, §5.5);
 - XYZ axes are added in `on_before_ui` with a prefix check, files merged per cell and cached by
   recipe hash (§6.2, §6.4).
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import sys
 import threading
+import time
 
 import gradio as gr
 
@@ -26,16 +36,20 @@ import astolfo_merge.ui as merger_ui
 from astolfo_merge.errors import RecipeError
 from astolfo_merge.host import Host, HostSettings
 
-TAB_TITLE, TAB_ID = "Merger", "astolfo_merge"
+# Not "Merger": A1111 and Forge Neo have a built-in "Checkpoint Merger" tab beside it.
+TAB_TITLE, TAB_ID = "AstolfoMerge", "astolfo_merge"
 AXIS_PREFIX = "[Merger]"
 SECTION = ("astolfo_merge", "AstolfoMerge", "system")
 OPTIONS = {  # key -> (default, label, component, component args)
-    "astolfo_merge_output_dir": ("", "Merger: output folder (empty: the checkpoint folder)", None, None),
-    "astolfo_merge_threads": (0, "Merger: CPU threads (0: torch's default)", gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}),
-    "astolfo_merge_memory_gb": (1.5, "Merger: memory budget in GB", gr.Number, None),
-    "astolfo_merge_device": ("cpu", "Merger: device", gr.Radio, {"choices": ["cpu", "cuda"]}),
-    "astolfo_merge_precision": ("fp64", "Merger: compute precision", gr.Radio, {"choices": ["fp64", "fp32"]}),
+    "astolfo_merge_output_dir": ("", "AstolfoMerge: output folder (empty: the checkpoint folder)", None, None),
+    "astolfo_merge_threads": (0, "AstolfoMerge: CPU threads (0: torch's default)", gr.Slider,
+                              {"minimum": 0, "maximum": 64, "step": 1}),
+    "astolfo_merge_memory_gb": (1.5, "AstolfoMerge: memory budget in GB", gr.Number, None),
+    # a callable: the choices are what this machine has (no "cuda" without CUDA)
+    "astolfo_merge_device": ("cpu", "AstolfoMerge: device", gr.Radio, lambda: {"choices": merger_ui.device_choices()}),
+    "astolfo_merge_precision": ("fp64", "AstolfoMerge: compute precision", gr.Radio, {"choices": ["fp64", "fp32"]}),
 }
+NOT_SUPPORTED = "not supported on this host"
 
 
 def option(key):
@@ -43,12 +57,22 @@ def option(key):
     return getattr(shared.opts, key, OPTIONS[key][0])
 
 
+# -- host APIs, feature-detected ---------------------------------------------------------------------
+
+def checkpoint_roots() -> list:
+    """The folders the host names checkpoints relative to, in its own order: `--ckpt-dir` (A1111,
+    Classic) or the `--ckpt-dirs` list (Neo), then `sd_models.model_path`."""
+    roots = [getattr(shared.cmd_opts, "ckpt_dir", None), *(getattr(shared.cmd_opts, "ckpt_dirs", None) or []),
+             sd_models.model_path]
+    return list(dict.fromkeys(os.path.abspath(r) for r in roots if r))
+
+
 def checkpoint_name(path: str) -> str:
-    """`CheckpointInfo.name` of a file: relative to --ckpt-dir, else to the models folder, else the basename."""
+    """`CheckpointInfo.name` of a file: relative to the first checkpoint root holding it, else the basename."""
     abspath = os.path.abspath(path)
-    for root in (shared.cmd_opts.ckpt_dir, sd_models.model_path):
-        if root and abspath.startswith(os.path.abspath(root) + os.sep):
-            return os.path.relpath(abspath, os.path.abspath(root))
+    for root in checkpoint_roots():
+        if abspath.startswith(root + os.sep):
+            return os.path.relpath(abspath, root)
     return os.path.basename(abspath)
 
 
@@ -58,37 +82,127 @@ def find_checkpoint(path: str):
                  if os.path.abspath(info.filename) == abspath), None)
 
 
+def refresh_checkpoints():
+    """The host's own `list_models()`, then every title another tab may hold stays a key.
+
+    `list_models()` rebuilds `checkpoints_list` (title -> info) from the hash cache, so a file hashed
+    since the last listing comes back under a new title "name [hash]". The built-in Checkpoint
+    Merger reads its dropdowns with `checkpoints_list[title]` (modules/extras.py `run_modelmerger`)
+    and would fail with KeyError until its own refresh buttons are pressed. So an entry whose file
+    was listed before keeps its previous info object and title; new files are added, vanished
+    files dropped, in the host's order. The host's own refresh buttons still re-title as before."""
+    before = {os.path.abspath(info.filename): (title, info) for title, info in list(sd_models.checkpoints_list.items())}
+    sd_models.list_models()
+    listing = sd_models.checkpoints_list
+    rebuilt, kept = {}, []
+    for title, info in list(listing.items()):
+        old_title, old_info = before.get(os.path.abspath(info.filename), (title, info))
+        if old_title != title:
+            kept.append(old_info)
+        rebuilt[old_title] = old_info if old_title != title else info
+    if kept:
+        listing.clear()
+        listing.update(rebuilt)
+        for info in kept:     # its aliases too (get_closet_checkpoint_match), as list_models registered the new ones
+            register = getattr(info, "register", None)
+            if register is not None:
+                register()
+
+
+def forge_main_entry():
+    """Forge's checkpoint selector module (Forge Neo: `modules_forge.main_entry`), or None."""
+    try:
+        module = importlib.import_module("modules_forge.main_entry")
+    except ImportError:
+        return None
+    return module if hasattr(module, "checkpoint_change") else None
+
+
+def model_loader():
+    """How this host loads a checkpoint now, or None: "forge" (Neo: `main_entry.checkpoint_change`,
+    then `sd_models.forge_model_reload`) or "settings" (A1111, Classic: setting `sd_model_checkpoint`
+    runs the host's own `reload_model_weights`)."""
+    if hasattr(sd_models, "forge_model_reload") and forge_main_entry() is not None:
+        return "forge"
+    if hasattr(sd_models, "reload_model_weights") and hasattr(shared.opts, "set"):
+        return "settings"
+    return None
+
+
+def loaded_checkpoint_file():
+    """The file of the model the host has loaded (never triggers a load), or None."""
+    model = getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+    info = getattr(model, "sd_checkpoint_info", None)
+    filename = getattr(info, "filename", None) or getattr(model, "filename", None)
+    return os.path.abspath(filename) if filename else None
+
+
+def load_with_forge(info):
+    main_entry = forge_main_entry()
+    params = inspect.signature(main_entry.checkpoint_change).parameters
+    args = (info.name, getattr(shared.opts, "forge_preset", None)) if "preset" in params else (info.name,)
+    with call_queue.queue_lock:            # never while a generation runs
+        if not main_entry.checkpoint_change(*args) and hasattr(main_entry, "refresh_model_loading_parameters"):
+            main_entry.refresh_model_loading_parameters()
+        sd_models.forge_model_reload()
+
+
+def load_with_settings(info):
+    """The setting's onchange (A1111: wrap_queued_call(reload_model_weights); Classic: on its main
+    thread) loads the model; it takes the queue lock itself."""
+    shared.opts.set("sd_model_checkpoint", info.title)
+
+
 class WebuiHost(Host):
     """The WebUI's checkpoint folders, settings, hash cache and model loading."""
 
     key = "webui"
     title = "AstolfoMerge (WebUI)"
-    can_load_model = True
-    has_xyz = True
+
+    @property
+    def can_load_model(self) -> bool:
+        return model_loader() is not None
+
+    @property
+    def has_xyz(self) -> bool:
+        xyz = xyz_module()
+        return xyz is not None and hasattr(xyz, "AxisOption") and hasattr(xyz, "axis_options")
 
     def models_dir(self) -> str:
-        return shared.cmd_opts.ckpt_dir or sd_models.model_path
+        return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
+
+    def extra_model_dirs(self) -> list:
+        """The host's other checkpoint folders (Neo's --ckpt-dirs; models/Stable-diffusion beside --ckpt-dir)."""
+        main = os.path.abspath(self.models_dir())
+        return [root for root in checkpoint_roots() if root != main]
 
     def checkpoint_paths(self) -> list:
-        return list(dict.fromkeys(info.filename for info in list(sd_models.checkpoints_list.values())))
+        """Every listed file once (a link loop or two links to one file list it once)."""
+        found = {}
+        for info in list(sd_models.checkpoints_list.values()):
+            found.setdefault(os.path.realpath(info.filename), info.filename)
+        return list(found.values())
 
     def refresh(self) -> None:
-        sd_models.list_models()
+        refresh_checkpoints()
 
     def settings(self) -> HostSettings:
+        device = option("astolfo_merge_device") or "cpu"
         return HostSettings(output_dir=option("astolfo_merge_output_dir") or "",
                             threads=int(option("astolfo_merge_threads") or 0),
                             memory_gb=float(option("astolfo_merge_memory_gb") or 1.5),
-                            device=option("astolfo_merge_device") or "cpu",
+                            device=device if device in merger_ui.device_choices() else "cpu",
                             precision=option("astolfo_merge_precision") or "fp64")
 
     def recipes_dir(self) -> str:
         return os.path.join(paths.data_path, "astolfo_merge", "recipes")
 
     def lora_dirs(self) -> list:
-        """The WebUI's LoRA folders: --lora-dir (default models/Lora), models/LyCORIS, $ASTOLFO_LORA_DIR."""
+        """The WebUI's LoRA folders: --lora-dir (default models/Lora), Neo's --lora-dirs, models/LyCORIS,
+        $ASTOLFO_LORA_DIR."""
         models = os.path.dirname(os.path.abspath(sd_models.model_path))
         dirs = [getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora"),
+                *(getattr(shared.cmd_opts, "lora_dirs", None) or []),
                 getattr(shared.cmd_opts, "lyco_dir_backcompat", None) or os.path.join(models, "LyCORIS")]
         if os.environ.get("ASTOLFO_LORA_DIR"):
             dirs.append(os.environ["ASTOLFO_LORA_DIR"])
@@ -99,7 +213,7 @@ class WebuiHost(Host):
         write_hash(result.path, result.sha256)
         if call_queue.queue_lock.acquire(blocking=False):
             try:
-                sd_models.list_models()
+                refresh_checkpoints()
             finally:
                 call_queue.queue_lock.release()
             return "the WebUI's checkpoint list is refreshed"
@@ -107,14 +221,30 @@ class WebuiHost(Host):
         return "the WebUI is generating; its checkpoint list refreshes right after"
 
     def load_model(self, path: str) -> tuple:
-        """The page selects the title through the WebUI's own checkpoint setting (works on A1111 and Forge)."""
+        """Load `path` through the host's own loader and say how it went once it is over; the page
+        then shows the title in the WebUI's checkpoint picker (a no-op there: it is loaded)."""
+        how = model_loader()
+        if how is None:
+            return (f"Loading a model from this tab is {NOT_SUPPORTED} (it has neither A1111's "
+                    f"`reload_model_weights` nor Forge's `forge_model_reload`). The merge is at {path}: "
+                    f"pick it in the WebUI's checkpoint list.", None)
         info = find_checkpoint(path)
         if info is None:
             self.refresh()
             info = find_checkpoint(path)
         if info is None:
             return (f"{path} is not in the WebUI's checkpoint list (is the output folder outside it?)", None)
-        return (f"Loading {info.title} …", info.title)
+        started = time.monotonic()
+        try:
+            (load_with_forge if how == "forge" else load_with_settings)(info)
+        except Exception as exc:  # noqa: BLE001 - the host's own failure, shown on the page
+            return (f"**The WebUI could not load {info.title}:** {exc}", None)
+        seconds = time.monotonic() - started
+        if loaded_checkpoint_file() == os.path.abspath(path):
+            return (f"Loaded {info.title} ({seconds:.1f} s).", info.title)
+        if how == "settings" and getattr(shared.opts, "sd_model_checkpoint", None) == info.title:
+            return (f"{info.title} is selected; the WebUI loads it for the next image.", info.title)
+        return (f"**The WebUI did not load {info.title}** (its console says why). The file is at {path}.", None)
 
 
 def write_hash(path: str, sha256: str):
@@ -127,7 +257,7 @@ def write_hash(path: str, sha256: str):
 
 def refresh_when_idle():
     with call_queue.queue_lock:
-        sd_models.list_models()
+        refresh_checkpoints()
 
 
 HOST = WebuiHost()
@@ -162,21 +292,56 @@ def xyz_module():
     return None
 
 
+def fallback_format_value(p, opt, x):
+    return round(x, 8) if isinstance(x, float) else x
+
+
+def fallback_format_value_add_label(p, opt, x):
+    return f"{opt.label}: {fallback_format_value(p, opt, x)}"
+
+
+def fallback_apply_checkpoint(p, x, xs):
+    info = sd_models.get_closet_checkpoint_match(x) if hasattr(sd_models, "get_closet_checkpoint_match") else None
+    p.override_settings["sd_model_checkpoint"] = info.name if info is not None else x
+
+
+# Where hosts keep each helper besides the X/Y/Z script module itself (Forge Classic: extensions-builtin/xyz/lib_xyz).
+XYZ_HELPERS = {
+    "format_value": ("lib_xyz.axis_format", fallback_format_value),
+    "format_value_add_label": ("lib_xyz.axis_format", fallback_format_value_add_label),
+    "apply_checkpoint": ("lib_xyz.axis_application", fallback_apply_checkpoint),
+}
+
+
+def xyz_helper(name: str, xyz=None):
+    """The host's X/Y/Z helper `name` wherever it has it (the script module, then Classic's lib_xyz),
+    else a local one that does the same."""
+    xyz = xyz if xyz is not None else xyz_module()
+    found = getattr(xyz, name, None)
+    if callable(found):
+        return found
+    module_name, fallback = XYZ_HELPERS[name]
+    module = sys.modules.get(module_name)
+    if module is None:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+    found = getattr(module, name, None)
+    return found if callable(found) else fallback
+
+
 def use_recipe(p, recipe, xs):
     """Merge `recipe` (or reuse its file) and make this cell use it. We run inside the generation,
-    which holds queue_lock already: list the checkpoints directly, never take the lock."""
+    which holds queue_lock already: refresh the list directly, never take the lock."""
     path, merged = trials.run_trial(HOST, recipe, on_done=lambda result: write_hash(result.path, result.sha256))
     info = find_checkpoint(path)
     if merged or info is None:
-        sd_models.list_models()
+        refresh_checkpoints()
         info = find_checkpoint(path)
     if info is None:
         raise RuntimeError(f"{AXIS_PREFIX} merged {path}, but the WebUI does not list it")
-    xyz = xyz_module()
-    if xyz is not None and hasattr(xyz, "apply_checkpoint"):
-        xyz.apply_checkpoint(p, info.name, xs)      # the stock axis' own switch (Forge adds steps to it)
-    else:
-        p.override_settings["sd_model_checkpoint"] = info.name
+    xyz_helper("apply_checkpoint")(p, info.name, xs)   # the stock axis' own switch (Forge adds steps to it)
 
 
 def apply_alpha(p, x, xs):
@@ -196,7 +361,7 @@ def apply_lora_strength(p, x, xs):
 def confirm_lora_strength(p, xs):
     template = trials.load_template(HOST)
     if not template.extra.get("loras"):
-        raise RecipeError("loras", "the XYZ template bakes no LoRA: pick one in the Merger tab's LoRA rows, "
+        raise RecipeError("loras", f"the XYZ template bakes no LoRA: pick one in the {TAB_TITLE} tab's LoRA rows, "
                                    "then press 'Use as XYZ template' again")
     for x in xs:
         trials.check(HOST, merger_lora.with_lora_strength(template, x))
@@ -212,17 +377,29 @@ def confirm_recipe(p, xs):
 
 
 def add_xyz_axes():
+    """Our axes, each built on its own: a helper the host lacks is replaced, never fatal to the rest."""
     xyz = xyz_module()
-    if xyz is None or any(opt.label.startswith(AXIS_PREFIX) for opt in xyz.axis_options):
+    if xyz is None or not hasattr(xyz, "AxisOption") or not hasattr(xyz, "axis_options"):
+        if xyz is not None:
+            print(f"AstolfoMerge: this X/Y/Z plot has no AxisOption/axis_options; {AXIS_PREFIX} axes not added",
+                  file=sys.stderr)
         return
-    xyz.axis_options.extend([
-        xyz.AxisOption(f"{AXIS_PREFIX} alpha", float, apply_alpha, format_value=xyz.format_value_add_label,
-                       confirm=confirm_alpha, cost=1.1),
-        xyz.AxisOption(f"{AXIS_PREFIX} LoRA strength", float, apply_lora_strength,
-                       format_value=xyz.format_value_add_label, confirm=confirm_lora_strength, cost=1.1),
-        xyz.AxisOption(f"{AXIS_PREFIX} recipe", str, apply_recipe, format_value=xyz.format_value,
-                       confirm=confirm_recipe, cost=1.1, choices=lambda: trials.recipe_files(HOST)),
-    ])
+    if any(str(getattr(opt, "label", "")).startswith(AXIS_PREFIX) for opt in xyz.axis_options):
+        return
+    label, plain = xyz_helper("format_value_add_label", xyz), xyz_helper("format_value", xyz)
+    axes = [
+        (f"{AXIS_PREFIX} alpha", float, apply_alpha, label, confirm_alpha, None),
+        (f"{AXIS_PREFIX} LoRA strength", float, apply_lora_strength, label, confirm_lora_strength, None),
+        (f"{AXIS_PREFIX} recipe", str, apply_recipe, plain, confirm_recipe, lambda: trials.recipe_files(HOST)),
+    ]
+    for title, kind, apply, fmt, confirm, choices in axes:
+        try:
+            options = {"format_value": fmt, "confirm": confirm, "cost": 1.1}
+            if choices is not None:
+                options["choices"] = choices
+            xyz.axis_options.append(xyz.AxisOption(title, kind, apply, **options))
+        except Exception as exc:  # noqa: BLE001 - one axis the host refuses must not take the others
+            print(f"AstolfoMerge: X/Y/Z axis {title!r} not added: {exc}", file=sys.stderr)
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -1,4 +1,4 @@
-"""What both browser tests (standalone tab, real WebUI) do with the Merger tab in Chromium."""
+"""What both browser tests (standalone tab, real WebUI) do with the AstolfoMerge tab in Chromium."""
 import hashlib
 import pathlib
 import socket

@@ -1,4 +1,4 @@
-"""The standalone Merger tab driven in real Chromium: merge, compare with the CLI, cancel.
+"""The standalone AstolfoMerge tab driven in real Chromium: merge, compare with the CLI, cancel.
 
 Starts `python -m astolfo_merge app` in a subprocess on a free 127.0.0.1 port over a temp folder
 of tiny demo-style checkpoints. The app runs with the test-only per-key delay

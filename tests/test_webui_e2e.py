@@ -1,4 +1,4 @@
-"""AstolfoMerge inside a real AUTOMATIC1111 WebUI (v1.10.1): the Merger tab merges in Chromium, the
+"""AstolfoMerge inside a real AUTOMATIC1111 WebUI (v1.10.1): the AstolfoMerge tab merges in Chromium, the
 WebUI's own API lists the new checkpoint with its hash, and the "[Merger] …" XYZ axes are offered.
 
 Optional: runs only when these environment variables point at a prepared WebUI (CI skips it):
@@ -179,7 +179,7 @@ def quicksettings_checkpoints(page) -> list:
 
 def test_a_merge_in_the_merger_tab_is_listed_by_the_webui_with_its_hash(webui, page):
     page.goto(webui.url)
-    page.get_by_role("button", name="Merger", exact=True).click()   # not the built-in "Checkpoint Merger"
+    page.get_by_role("button", name="AstolfoMerge", exact=True).click()   # beside the built-in "Checkpoint Merger"
     page.wait_for_selector("#astolfo_merge_pool label >> text=sd1-b.safetensors")
 
     page.locator("#astolfo_merge_method input").first.click()

@@ -1,20 +1,18 @@
 """scripts/astolfo_merge_tab.py against a fake `modules` package shaped like A1111 v1.10.1's.
 
-The fakes implement only what A1111.md documents and the glue uses: script_callbacks registration,
-shared.opts/OptionInfo, sd_models (model_path, checkpoints_list, list_models), cache("hashes"),
-call_queue.queue_lock, paths.data_path, and an xyz_grid module in scripts.scripts_data. The script
-is executed the way the WebUI does it (spec_from_file_location with the bare file name).
+The fake (tests/webui_fakes.py, shared with test_hosts.py, which runs the glue on Forge Classic and
+Forge Neo as well) implements what A1111.md documents and the glue uses: script_callbacks
+registration, shared.opts/OptionInfo, sd_models (model_path, checkpoints_list, list_models),
+cache("hashes"), call_queue.queue_lock, paths.data_path, and an xyz_grid module in
+scripts.scripts_data. The script is executed the way the WebUI does it.
 """
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import json
 import os
 import pathlib
 import re
-import runpy
-import sys
 import threading
 import types
 
@@ -22,135 +20,26 @@ import gradio as gr
 import pytest
 import torch
 
-from astolfo_merge import jobs, trials, ui_catalog
+from astolfo_merge import trials
 from astolfo_merge.checkpoint import read_header
 from conftest import load
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "astolfo_merge_tab.py"
-
-
-class FakeCheckpointInfo:
-    def __init__(self, filename, name, sha256):
-        self.filename, self.name, self.sha256 = filename, name, sha256
-        self.title = f"{name} [{sha256[:10]}]" if sha256 else name
-
-
-class FakeCache:
-    """diskcache.Cache-like: item access, not a dict."""
-
-    def __init__(self):
-        self.data = {}
-
-    def __setitem__(self, key, value):
-        self.data[key] = value
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    def __contains__(self, key):
-        return key in self.data
-
-
-class FakeOpts:
-    def __init__(self):
-        self.added = {}
-
-    def add_option(self, key, info):
-        self.added[key] = info
-        setattr(self, key, info.default)
-
-
-class FakeOptionInfo:
-    def __init__(self, default=None, label="", component=None, component_args=None, **kw):
-        self.default, self.label, self.component, self.component_args = default, label, component, component_args
-        self.section = self.category_id = None
-
-
-def options_section(identifier, infos):
-    for info in infos.values():
-        info.section, info.category_id = identifier[:2], identifier[2] if len(identifier) > 2 else None
-    return infos
-
-
-class AxisOption:
-    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
-        self.label, self.type, self.apply, self.format_value = label, type, apply, format_value
-        self.confirm, self.cost, self.choices = confirm, cost, choices
+from webui_fakes import ROOT, FakeWebui, p_object
 
 
 @pytest.fixture
 def webui(models, tmp_path, monkeypatch):
-    """A fake WebUI whose checkpoint folder is the tests' `models` folder; returns (namespace, glue module)."""
-    hashes, callbacks, listed = FakeCache(), {}, []
-    data_path = tmp_path / "webui-data"
-
-    def list_models():
-        listed.append(1)
-        sd.checkpoints_list.clear()
-        for root, dirs, files in os.walk(sd.model_path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for f in sorted(files):
-                if f.endswith(".safetensors"):
-                    path = os.path.join(root, f)
-                    name = os.path.relpath(path, sd.model_path)
-                    entry = hashes.data.get(f"checkpoint/{name}", {})
-                    info = FakeCheckpointInfo(path, name, entry.get("sha256"))
-                    sd.checkpoints_list[info.title] = info
-
-    sd = types.SimpleNamespace(model_path=str(models), checkpoints_list={}, list_models=list_models)
-    xyz = types.ModuleType("xyz_grid.py")
-    xyz.AxisOption, xyz.axis_options = AxisOption, [AxisOption("Checkpoint name", str, None)]
-    xyz.format_value = lambda p, opt, x: x
-    xyz.format_value_add_label = lambda p, opt, x: f"{opt.label}: {x}"
-
-    def apply_checkpoint(p, x, xs):
-        p.override_settings["sd_model_checkpoint"] = x
-    xyz.apply_checkpoint = apply_checkpoint
-    xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
-    modules = {
-        "modules": types.ModuleType("modules"),
-        "modules.script_callbacks": types.SimpleNamespace(**{
-            f"on_{event}": (lambda event: lambda fn, name=None: callbacks.setdefault(event, []).append(fn))(event)
-            for event in ("ui_tabs", "ui_settings", "before_ui", "app_started", "script_unloaded")}),
-        "modules.scripts": types.SimpleNamespace(basedir=lambda: str(ROOT), scripts_data=[
-            types.SimpleNamespace(script_class=xyz_class, module=xyz)]),
-        "modules.shared": types.SimpleNamespace(opts=FakeOpts(), cmd_opts=types.SimpleNamespace(ckpt_dir=None),
-                                                OptionInfo=FakeOptionInfo, options_section=options_section),
-        "modules.sd_models": sd,
-        "modules.cache": types.SimpleNamespace(cache=lambda name: hashes),
-        "modules.call_queue": types.SimpleNamespace(queue_lock=threading.Lock()),
-        "modules.paths": types.SimpleNamespace(data_path=str(data_path)),
-    }
-    for name, module in modules.items():
-        if name != "modules":
-            setattr(modules["modules"], name.split(".")[1], module)
-        monkeypatch.setitem(sys.modules, name, module)
-    list_models()
-    listed.clear()
-    monkeypatch.setattr(ui_catalog, "_DEFAULT", ui_catalog.Catalog(None))   # no cache file in the real home
-    spec = importlib.util.spec_from_file_location(SCRIPT.name, SCRIPT)
-    glue = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(glue)
-    ns = types.SimpleNamespace(callbacks=callbacks, hashes=hashes, sd=sd, xyz=xyz, listed=listed, models=models,
-                               shared=modules["modules.shared"], call_queue=modules["modules.call_queue"],
-                               data_path=data_path)
-    yield ns, glue
-    manager = jobs.manager(glue.HOST.key)
-    manager.cancel()
-    for job in manager.jobs():
-        job.done_event.wait(10)
-
-
-def p_object():
-    return types.SimpleNamespace(override_settings={})
+    """A fake A1111 whose checkpoint folder is the tests' `models` folder; returns (fake host, glue module)."""
+    fake = FakeWebui("a1111", models, tmp_path, monkeypatch)
+    glue = fake.install()
+    yield fake, glue
+    fake.close()
 
 
 def test_the_script_registers_the_tab_the_settings_and_the_xyz_hook(webui):
     ns, glue = webui
     assert set(ns.callbacks) == {"ui_tabs", "ui_settings", "before_ui"}
     ((blocks, title, elem_id),) = ns.callbacks["ui_tabs"][0]()
-    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("Merger", "astolfo_merge")
+    assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("AstolfoMerge", "astolfo_merge")
 
 
 def test_settings_cover_output_folder_threads_memory_device_and_precision(webui):
@@ -182,7 +71,9 @@ def test_a_finished_merge_is_hashed_for_the_webui_and_listed(webui):
     assert ns.hashes["checkpoint/sub/new.safetensors"] == {"mtime": os.path.getmtime(out), "sha256": "ab" * 32}
     info = glue.find_checkpoint(str(out))
     assert info is not None and info.title == "sub/new.safetensors [abababab" + "ab]"
-    assert glue.HOST.load_model(str(out)) == (f"Loading {info.title} …", info.title)
+    message, title = glue.HOST.load_model(str(out))
+    assert (message.split(" (")[0], title) == (f"Loaded {info.title}", info.title)     # over when it answers
+    assert ns.loads == [str(out)] and ns.opts.sd_model_checkpoint == info.title        # via the host's own setting
 
 
 def test_the_refresh_waits_for_a_running_generation_instead_of_blocking_the_merge(webui):
@@ -242,6 +133,7 @@ def test_the_lora_strength_axis_merges_each_strength_into_its_own_cached_file(we
     lora_dir.mkdir()
     os.symlink(ns.models / "sd1-a.safetensors", sd_dir / "sd1-a.safetensors")
     ns.sd.model_path = str(sd_dir)
+    ns.cmd_opts.lora_dir = str(lora_dir)          # --lora-dir's default: <models>/Lora
     ns.sd.list_models()
     write_synthetic_lora(lora_dir / "style.safetensors", "sd1", 64, algo="lora", rank=2)
     assert [name for name, _ in glue.HOST.lora_files()] == ["style.safetensors"]
@@ -299,20 +191,12 @@ def test_the_backend_never_imports_the_webui():
     assert offenders == []
 
 
-def test_install_only_installs_what_the_webui_lacks(monkeypatch):
-    calls = []
-    launch = types.SimpleNamespace(is_installed=lambda name: name != "scipy",
-                                   run_pip=lambda command, desc=None: calls.append(command))
-    monkeypatch.setitem(sys.modules, "launch", launch)
-    runpy.run_path(str(ROOT / "install.py"))
-    assert calls == ['install "scipy>=1.11"']
-
-
 def test_metadata_ini_and_page_assets_are_where_the_webui_looks():
     ini = configparser.ConfigParser()
     ini.read(ROOT / "metadata.ini")
     assert ini["Extension"]["Name"] == "astolfo-merge"
     js = (ROOT / "javascript" / "astolfo_merge.js").read_text()
-    for fn in ("astolfoMergeAfterPoll", "astolfoMergeSelectCheckpoint", "astolfoMergeStart", "onUiLoaded"):
+    for fn in ("astolfoMergeAfterPoll", "astolfoMergeSelectCheckpoint", "astolfoMergeRefreshCheckpoints",
+               "astolfoMergeStart", "onUiLoaded"):
         assert fn in js
     assert ".astolfo-hidden" in (ROOT / "style.css").read_text()
