@@ -7,12 +7,14 @@ produced. Cancel and errors abort the writer, so nothing half-written stays behi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
 from .errors import Cancelled, MergeKeyError, RecipeError
+from .executors import auto_process_count, run_tasks
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
@@ -47,6 +50,9 @@ class RunOptions:
     hash_inputs: bool = True
     hash_cache: HashCache | None = None
     chunk_bytes: int | None = None   # override the per-key chunk budget (tests, benchmarks)
+    workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (executors.py)
+    isolate: bool | None = None      # True: worker processes even for one worker, so a dying merge spares the
+                                     # host (None: background jobs isolate, direct calls do not)
 
 
 @dataclass
@@ -376,11 +382,7 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
-    # Parallelism is across chunks (ChunkWorkers), each op single-threaded: streaming chunks are too
-    # small for torch's own thread team to pay off, and on a busy machine every parallel op waits for
-    # a descheduled team member (measured: 10x slower).
-    torch.set_num_threads(1)
-    workers = options.threads or auto_workers(device.type)
+    processes = _process_count(plan, options)
     dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
     start = time.monotonic()
     total_bytes = plan.output_bytes
@@ -395,22 +397,26 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     hashes = _input_hashes(plan, options, report)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
-    entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
     # Test-only: seconds to sleep per key, so tests can observe and interrupt a tiny merge midway.
     test_delay = float(os.environ.get("ASTOLFO_TEST_SLOW_KEYS", "0") or 0)
-    pool = ChunkWorkers(workers)
+    pool = ChunkWorkers(options.threads or auto_workers(device.type))
+
+    def tally(kp, keys_done):
+        nonlocal done_bytes
+        done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
+        report(key=kp.key, keys_done=keys_done)
+
     try:
         states = _prepare_methods(plan, readers, log, report, cancel)
-        with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
-            for n, kp in enumerate(plan.keys):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
-                done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
-                report(key=kp.key, keys_done=n + 1)
-                if test_delay:
-                    time.sleep(test_delay)
-            sha = writer.commit()
+        meta = output_metadata(plan, hashes)
+        if processes and _shippable(plan, states, log):
+            setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
+                     "chunk_bytes": max(16 << 20, chunk_bytes // processes), "test_delay": test_delay}
+            sha = _run_in_workers(plan, processes, setup, meta, options, tally, cancel, log)
+        else:
+            with one_torch_thread():
+                sha = _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options,
+                                tally, test_delay)
     finally:
         pool.close()
         for r in readers:
@@ -419,6 +425,74 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
         (options.hash_cache or HashCache()).put(plan.output, sha)
     return MergeResult(plan.output, sha, os.path.getsize(plan.output), time.monotonic() - start, len(plan.keys),
                        log, dict(plan.component_summary))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread while a merge runs here, restored afterwards (a host such as the WebUI
+    keeps its own setting). Why one: parallelism is across chunks (ChunkWorkers) or processes;
+    streaming chunks are too small for torch's thread team to pay off, and on a busy machine every
+    parallel op waits for a descheduled team member (measured: 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _process_count(plan: Plan, options: RunOptions) -> int:
+    """Worker processes to run `plan` on; 0 = in this process (`workers` 1, unless `isolate`)."""
+    if isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 0:
+        raise RecipeError("workers", f"must be 0 (auto) or a positive integer, got {options.workers!r}")
+    count = options.workers or auto_process_count(int(options.memory_gb * GIB), plan.output_bytes)
+    return 0 if count == 1 and not options.isolate else count
+
+
+def _shippable(plan: Plan, states: dict, log: list) -> bool:
+    """Whether worker processes can receive this plan: keys with LoRA / Fermat stages hold open
+    files and closures, so such plans run in this process (logged)."""
+    if any(kp.pre or kp.post for kp in plan.keys):
+        log.append("workers: this plan bakes in LoRAs or Fermat stages; it runs in this process")
+        return False
+    try:
+        pickle.dumps((plan, states), protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        log.append(f"workers: the plan cannot be sent to worker processes ({exc}); it runs in this process")
+        return False
+    return True
+
+
+def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options, tally,
+              test_delay) -> str:
+    """Every key in this process, in order, through the streaming writer; returns the sha256."""
+    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta,
+                           options.overwrite) as writer:
+        for n, kp in enumerate(plan.keys):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+            tally(kp, n + 1)
+            if test_delay:
+                time.sleep(test_delay)
+        return writer.commit()
+
+
+def _run_in_workers(plan, processes, setup, meta, options, tally, cancel, log) -> str:
+    """The keys as tasks on worker processes writing into the preallocated temp output (executors.py)."""
+    done = 0
+
+    def on_key(index):
+        nonlocal done
+        done += 1
+        tally(plan.keys[index], done)
+
+    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+                           positioned=True) as writer:
+        sha, key_log = run_tasks(plan, writer, setup, processes, on_key, cancel)
+        writer.commit(sha)
+    log.extend(key_log)
+    return sha
 
 
 def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
@@ -430,7 +504,8 @@ def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
         if method.prepare is not None:
             report(f"preparing {name}")
             extra = {"cancel": cancel} if "cancel" in inspect.signature(method.prepare).parameters else {}
-            states[name] = method.prepare(plan, readers, log, report, **extra)
+            with one_torch_thread():    # the same arithmetic whichever executor runs the keys
+                states[name] = method.prepare(plan, readers, log, report, **extra)
     return states
 
 
