@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
 from .errors import Cancelled, MergeKeyError, RecipeError
-from .executors import auto_process_count, run_tasks
+from .executors import Crew, auto_process_count, run_tasks
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
@@ -394,25 +394,34 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
             eta = elapsed / done_bytes * (total_bytes - done_bytes) if done_bytes else None
             progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, elapsed, eta, key, message))
 
+    def tally(kp, keys_done):
+        nonlocal done_bytes
+        done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
+        report(key=kp.key, keys_done=keys_done)
+
+    crew = Crew(processes) if processes and _stageless(plan, log) else None
+    try:
+        return _run(plan, options, report, crew, dtype, device, log, cancel, start, tally)
+    finally:
+        if crew is not None:
+            crew.close()
+
+
+def _run(plan, options, report, crew, dtype, device, log, cancel, start, tally) -> MergeResult:
+    """Hash inputs, prepare methods, then run the keys on the crew (when it can take the plan) or here."""
     hashes = _input_hashes(plan, options, report)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
     # Test-only: seconds to sleep per key, so tests can observe and interrupt a tiny merge midway.
     test_delay = float(os.environ.get("ASTOLFO_TEST_SLOW_KEYS", "0") or 0)
     pool = ChunkWorkers(options.threads or auto_workers(device.type))
-
-    def tally(kp, keys_done):
-        nonlocal done_bytes
-        done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
-        report(key=kp.key, keys_done=keys_done)
-
     try:
         states = _prepare_methods(plan, readers, log, report, cancel)
         meta = output_metadata(plan, hashes)
-        if processes and _shippable(plan, states, log):
+        if crew is not None and _shippable(plan, states, log):
             setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
-                     "chunk_bytes": max(16 << 20, chunk_bytes // processes), "test_delay": test_delay}
-            sha = _run_in_workers(plan, processes, setup, meta, options, tally, cancel, log)
+                     "chunk_bytes": max(16 << 20, chunk_bytes // len(crew.workers)), "test_delay": test_delay}
+            sha = _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log)
         else:
             with one_torch_thread():
                 sha = _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options,
@@ -449,12 +458,17 @@ def _process_count(plan: Plan, options: RunOptions) -> int:
     return 0 if count == 1 and not options.isolate else count
 
 
-def _shippable(plan: Plan, states: dict, log: list) -> bool:
-    """Whether worker processes can receive this plan: keys with LoRA / Fermat stages hold open
-    files and closures, so such plans run in this process (logged)."""
+def _stageless(plan: Plan, log: list) -> bool:
+    """Keys with LoRA / Fermat stages hold open files and closures that worker processes cannot
+    receive (yet): such plans run in this process (logged)."""
     if any(kp.pre or kp.post for kp in plan.keys):
         log.append("workers: this plan bakes in LoRAs or Fermat stages; it runs in this process")
         return False
+    return True
+
+
+def _shippable(plan: Plan, states: dict, log: list) -> bool:
+    """Whether the plan and the prepared state can be sent to worker processes (else: this process, logged)."""
     try:
         pickle.dumps((plan, states), protocol=pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -478,7 +492,7 @@ def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, po
         return writer.commit()
 
 
-def _run_in_workers(plan, processes, setup, meta, options, tally, cancel, log) -> str:
+def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str:
     """The keys as tasks on worker processes writing into the preallocated temp output (executors.py)."""
     done = 0
 
@@ -489,7 +503,7 @@ def _run_in_workers(plan, processes, setup, meta, options, tally, cancel, log) -
 
     with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
                            positioned=True) as writer:
-        sha, key_log = run_tasks(plan, writer, setup, processes, on_key, cancel)
+        sha, key_log = run_tasks(plan, writer, setup, crew, on_key, cancel)
         writer.commit(sha)
     log.extend(key_log)
     return sha

@@ -105,15 +105,21 @@ class WorkerProcess:
         self.stderr_tail = collections.deque(maxlen=20)
         self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
-        threading.Thread(target=self._pump, args=(inbox,), daemon=True, name=f"astolfo-worker-{index}").start()
-        threading.Thread(target=self._drain_stderr, daemon=True, name=f"astolfo-worker-{index}-err").start()
+        self._outbox: queue.Queue = queue.Queue()
+        for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"), (self._feed, (), "-in")):
+            threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}").start()
 
-    def send(self, obj) -> bool:
-        try:
-            send_frame(self.proc.stdin, obj)
-            return True
-        except (BrokenPipeError, OSError, ValueError):
-            return False       # it died: its reader reports the exit
+    def send(self, obj):
+        """Queue a message: the pipe takes it while the worker may still be importing torch, so the
+        parent never blocks on a worker (a dead one is reported by its reader)."""
+        self._outbox.put(obj)
+
+    def _feed(self):
+        while (obj := self._outbox.get()) is not None:
+            try:
+                send_frame(self.proc.stdin, obj)
+            except (OSError, ValueError):
+                return
 
     def _pump(self, inbox):
         try:
@@ -128,6 +134,7 @@ class WorkerProcess:
             self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
 
     def kill(self):
+        self._outbox.put(None)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
@@ -214,35 +221,48 @@ class OrderedHasher:
                 self._cv.notify_all()
 
 
-class WorkerRun:
-    """One merge's workers and bookkeeping. `run()` returns (sha256, per-key logs)."""
+class Crew:
+    """Worker processes started as early as possible (a fresh interpreter needs a second or more to
+    import torch: meanwhile the parent hashes inputs and prepares). Closing kills what is left."""
 
-    def __init__(self, plan, writer: SafetensorsWriter, setup: dict, count: int, on_key, cancel, test_delay=0.0):
+    def __init__(self, count: int):
+        self.inbox: queue.Queue = queue.Queue()
+        self.workers = [WorkerProcess(i, self.inbox) for i in range(count)]
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class WorkerRun:
+    """One merge's tasks on a crew, and the bookkeeping. `run()` returns (sha256, per-key logs)."""
+
+    def __init__(self, plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel):
         self.plan, self.writer, self.setup, self.on_key, self.cancel = plan, writer, setup, on_key, cancel
-        self.tasks = collections.deque(cut_tasks(plan.keys, count))
-        self.count = max(1, min(count, len(self.tasks)))
+        self.workers, self.inbox = crew.workers, crew.inbox
+        self.tasks = collections.deque(cut_tasks(plan.keys, len(self.workers)))
         self.ranges = writer.ranges()
         self.done = [False] * len(plan.keys)
         self.key_logs = {}
         self.frontier = 0          # keys [0, frontier) are all written
         self.inputs = {s.path: _stat(s.path) for s in plan.sources}
-        self.inbox: queue.Queue = queue.Queue()
-        self.workers = []
-        self.test_delay = test_delay
 
     def run(self) -> tuple:
         hasher = OrderedHasher(self.writer.tmp)
         try:
             hasher.advance(self.writer.data_start)
-            self.workers = [WorkerProcess(i, self.inbox) for i in range(self.count)]
             for w in self.workers:
-                if w.send(("setup", self.setup)):
-                    self._assign(w)
+                w.send(("setup", self.setup))
+                self._assign(w)
             self._supervise(hasher)
             return hasher.finish(self.writer.total_bytes), [line for i in sorted(self.key_logs) for line in self.key_logs[i]]
         finally:
-            for w in self.workers:
-                w.kill()
             hasher.close()
 
     def _assign(self, w: WorkerProcess):
@@ -315,7 +335,7 @@ def _stat(path):
     return st.st_size, st.st_mtime_ns
 
 
-def run_tasks(plan, writer: SafetensorsWriter, setup: dict, count: int, on_key, cancel) -> tuple:
-    """Fill `writer` (positioned) with `plan`'s keys on `count` worker processes; (sha256, key logs)."""
+def run_tasks(plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel) -> tuple:
+    """Fill `writer` (positioned) with `plan`'s keys on the crew's workers; (sha256, key logs)."""
     setup = dict(setup, tmp=writer.tmp, ranges=writer.ranges(), dtypes={k: d for k, d, _s in writer.entries})
-    return WorkerRun(plan, writer, setup, count, on_key, cancel).run()
+    return WorkerRun(plan, writer, setup, crew, on_key, cancel).run()
