@@ -25,8 +25,8 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
-from .errors import Cancelled, MergeKeyError, RecipeError
-from .executors import Crew, auto_process_count, run_tasks
+from .errors import AstolfoError, Cancelled, MergeKeyError, OutputExistsError, RecipeError
+from .executors import Crew, auto_process_count, changed_input, input_stats, run_tasks
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, KeyPlan, Plan
@@ -399,9 +399,17 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
         done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
         report(key=kp.key, keys_done=keys_done)
 
+    stats = input_stats(plan)
     crew = Crew(processes) if processes and _stageless(plan, log) else None
     try:
         return _run(plan, options, report, crew, dtype, device, log, cancel, start, tally)
+    except (Cancelled, OutputExistsError):
+        raise
+    except (AstolfoError, RuntimeError, ValueError, OSError) as exc:   # an input changed: name it, not the symptom
+        changed = changed_input(stats, f"reading it failed ({exc.__class__.__name__})")
+        if changed is not None:
+            raise changed from exc
+        raise
     finally:
         if crew is not None:
             crew.close()

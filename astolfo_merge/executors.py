@@ -251,7 +251,7 @@ class WorkerRun:
         self.done = [False] * len(plan.keys)
         self.key_logs = {}
         self.frontier = 0          # keys [0, frontier) are all written
-        self.inputs = {s.path: _stat(s.path) for s in plan.sources}
+        self.inputs = input_stats(plan)
 
     def run(self) -> tuple:
         hasher = OrderedHasher(self.writer.tmp)
@@ -313,18 +313,32 @@ class WorkerRun:
     def _death(self, w: WorkerProcess) -> AstolfoError:
         """Why a worker is gone: an input that changed under it (named), else how it died."""
         cause = w.exit_cause()
-        for path, before in self.inputs.items():
-            now = _stat(path)
-            if now != before:
-                was, is_ = before[0], now[0] if now else None
-                what = "was deleted" if now is None else (f"shrank from {was} to {is_} bytes" if is_ < was else
-                                                          f"changed (size {was} -> {is_} bytes, new mtime)")
-                return CheckpointError(path, f"{what} during the merge; the worker reading it {cause}; "
-                                             "no output was written")
+        changed = changed_input(self.inputs, f"the worker reading it {cause}")
+        if changed is not None:
+            return changed
         where = f" while merging key '{w.key}'" if w.key else ""
         tail = "; ".join(line for line in list(w.stderr_tail)[-3:] if line)
         return WorkerError(f"merge worker {w.index + 1} of {len(self.workers)} {cause}{where}; no output was written"
                            + (f" (its last output: {tail})" if tail else ""))
+
+
+def input_stats(plan) -> dict:
+    """path -> (size, mtime_ns) of every input, to tell later whether one changed mid-merge."""
+    return {s.path: _stat(s.path) for s in plan.sources}
+
+
+def changed_input(stats: dict, consequence: str) -> CheckpointError | None:
+    """The first input whose size or mtime differs from `stats`, as the error to report, else None.
+    Why: a file shrinking under a read shows up as a crash (SIGBUS) or a garbled tensor far from
+    its cause; the user needs the file's name."""
+    for path, before in stats.items():
+        now = _stat(path)
+        if now != before:
+            was, size = before[0] if before else None, now[0] if now else None
+            what = ("was deleted" if now is None else f"shrank from {was} to {size} bytes" if was and size < was
+                    else f"changed (size {was} -> {size} bytes, new mtime)")
+            return CheckpointError(path, f"{what} during the merge; {consequence}; no output was written")
+    return None
 
 
 def _stat(path):

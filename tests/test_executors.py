@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -27,6 +28,7 @@ from astolfo_merge.rebasin.spec import build_spec, permute
 from astolfo_merge.recipe import parse_recipe
 from astolfo_merge.tasks import cut_tasks, key_cost
 from conftest import ROOT, TEST_SCALE, load
+from test_cli import cli
 
 SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"     # the engine's test-only per-key delay, honoured by workers too
 POOL = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
@@ -240,3 +242,20 @@ def test_a_job_whose_input_shrinks_fails_clearly_and_the_host_lives_on(copies):
     assert str(victim) in lines["error"]
     assert lines["threads"] == "3"
     assert lines["left"] == "[]"
+
+
+# -- CLI -----------------------------------------------------------------------------------------------
+def test_cli_workers_flag_runs_worker_processes_with_the_same_bytes(models, tmp_path):
+    doc = {"pool": POOL[:2], "method": "weighted_sum", "params": {"alpha": 0.3}}
+    (tmp_path / "r.json").write_text(json.dumps({**doc, "output": "out.safetensors", "dtype": "fp32"}))
+    rc, out, err = cli("merge", tmp_path / "r.json", "--models-dir", models, "--no-hash", "--workers", "2", cwd=tmp_path)
+    assert rc == 0, err
+    here = merge(models, doc, tmp_path / "w1", workers=1)
+    assert f"sha256 {here.sha256}" in out
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_cli_refuses_a_bad_workers_value_in_one_line(models, tmp_path, value):
+    (tmp_path / "r.json").write_text(json.dumps({"pool": POOL[:2], "method": "n_average"}))
+    rc, _, err = cli("merge", tmp_path / "r.json", "--models-dir", models, "--workers", value, cwd=tmp_path)
+    assert rc == 2 and "--workers: must be 0 (auto) or a positive integer" in err and "Traceback" not in err
