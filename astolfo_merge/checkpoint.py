@@ -437,8 +437,12 @@ class SafetensorsWriter:
         self.data_start = len(head)
         if positioned:     # other processes fill the tensors' byte ranges (see `ranges`)
             self._out = None
-            _pwrite_all(self._f.fileno(), memoryview(head), 0)
-            os.ftruncate(self._f.fileno(), self.total_bytes)
+            try:
+                _reserve(self._f.fileno(), self.total_bytes, folder)
+                _pwrite_all(self._f.fileno(), memoryview(head), 0)
+            except BaseException:
+                self.abort()
+                raise
             return
         self._out = _Emitter(self._f)
         self._out.put(memoryview(head))
@@ -569,6 +573,21 @@ class RangeWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _reserve(fd, size, folder):
+    """Size the file and allocate its blocks now, so a full disk fails here, once, with the folder
+    named, rather than in whichever worker writes a range of a sparse file mid-merge."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(folder, f"not enough free disk space for the output ({size / 1e9:.2f} GB)") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
 
 
 def _pwrite_all(fd, data, at):

@@ -25,11 +25,11 @@ import torch
 
 from . import __version__
 from .checkpoint import CheckpointReader, HashCache, legacy_model_hash, SafetensorsWriter
-from .errors import AstolfoError, Cancelled, MergeKeyError, OutputExistsError, RecipeError
-from .executors import Crew, auto_process_count, changed_input, input_stats, run_tasks
+from .errors import AstolfoError, Cancelled, MemoryBudgetError, MergeKeyError, OutputExistsError, RecipeError
+from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count, changed_input, input_stats, run_tasks
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
-from .plan import GIB, KeyPlan, Plan
+from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan
 from .workers import ChunkWorkers, auto_workers
 
 # Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
@@ -462,7 +462,12 @@ def _process_count(plan: Plan, options: RunOptions) -> int:
     """Worker processes to run `plan` on; 0 = in this process (`workers` 1, unless `isolate`)."""
     if isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 0:
         raise RecipeError("workers", f"must be 0 (auto) or a positive integer, got {options.workers!r}")
-    count = options.workers or auto_process_count(int(options.memory_gb * GIB), plan.output_bytes)
+    budget, share = int(options.memory_gb * GIB), plan.peak_bytes(WORKER_CHUNK_BYTES)
+    count = options.workers or auto_process_count(budget, plan.output_bytes, share)
+    if count > 1 and count * share > budget + OVERHEAD_BYTES:
+        need = math.ceil(count * share / GIB * 10) / 10
+        raise MemoryBudgetError(f"{count} worker processes need about {need} GiB together but the budget is "
+                                f"{options.memory_gb:.2f} GiB; raise --memory-gb to {need} or use fewer workers")
     return 0 if count == 1 and not options.isolate else count
 
 

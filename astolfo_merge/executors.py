@@ -30,7 +30,7 @@ from .errors import AstolfoError, Cancelled, CheckpointError
 from .tasks import cut_tasks
 
 WORKER_MODULE = "astolfo_merge.worker_main"
-WORKER_MIN_BYTES = 256 << 20        # private memory one worker needs besides its chunks (interpreter + torch)
+WORKER_CHUNK_BYTES = 64 << 20       # the smallest chunk budget a worker is planned with
 AUTO_MIN_OUTPUT_BYTES = 64 << 20    # auto: smaller merges run in-process (starting a worker costs ~1 s)
 HASH_BLOCK = 8 << 20
 POLL_S = 0.1
@@ -40,12 +40,13 @@ class WorkerError(AstolfoError):
     """A worker process died or failed outside any key: names the cause."""
 
 
-def auto_process_count(memory_bytes: int, output_bytes: int) -> int:
-    """Workers for `--workers 0`: one per usable core, as many as the budget gives each its floor;
-    1 (in-process) for merges too small to pay for starting interpreters."""
+def auto_process_count(memory_bytes: int, output_bytes: int, per_worker_bytes: int) -> int:
+    """Workers for `--workers 0`: one per usable core, as many as the budget gives each what it
+    needs (`per_worker_bytes`: interpreter + a chunk budget + the plan's largest workspace); 1
+    (in-process) for merges too small to pay for starting interpreters."""
     if output_bytes < AUTO_MIN_OUTPUT_BYTES:
         return 1
-    return max(1, min(usable_cores(), memory_bytes // WORKER_MIN_BYTES))
+    return max(1, min(usable_cores(), memory_bytes // max(1, per_worker_bytes)))
 
 
 def usable_cores() -> int:
@@ -207,7 +208,7 @@ class OrderedHasher:
                     return
                 begin, end = self._done, min(self._target, self._done + HASH_BLOCK)
             try:
-                data = os.pread(self._fd, end - begin, begin)
+                data = _pread(self._fd, end - begin, begin)
                 if not data:
                     raise OSError(f"output temp file ends at {begin} bytes")
                 self._hash.update(data)
@@ -320,6 +321,13 @@ class WorkerRun:
         tail = "; ".join(line for line in list(w.stderr_tail)[-3:] if line)
         return WorkerError(f"merge worker {w.index + 1} of {len(self.workers)} {cause}{where}; no output was written"
                            + (f" (its last output: {tail})" if tail else ""))
+
+
+def _pread(fd, size, at) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, at)
+    os.lseek(fd, at, os.SEEK_SET)     # Windows: this fd is the hasher's alone
+    return os.read(fd, size)
 
 
 def input_stats(plan) -> dict:

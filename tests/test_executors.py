@@ -4,6 +4,7 @@ parent alive; a merge leaves the host's torch settings as they were."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -22,7 +23,7 @@ import torch
 from astolfo_merge import executors
 from astolfo_merge.checkpoint import partial_path, save_file
 from astolfo_merge.engine import RunOptions, run_merge
-from astolfo_merge.errors import Cancelled, CheckpointError, MergeKeyError
+from astolfo_merge.errors import Cancelled, CheckpointError, MemoryBudgetError, MergeKeyError
 from astolfo_merge.plan import build_plan
 from astolfo_merge.rebasin.spec import build_spec, permute
 from astolfo_merge.recipe import parse_recipe
@@ -259,3 +260,21 @@ def test_cli_refuses_a_bad_workers_value_in_one_line(models, tmp_path, value):
     (tmp_path / "r.json").write_text(json.dumps({"pool": POOL[:2], "method": "n_average"}))
     rc, _, err = cli("merge", tmp_path / "r.json", "--models-dir", models, "--workers", value, cwd=tmp_path)
     assert rc == 2 and "--workers: must be 0 (auto) or a positive integer" in err and "Traceback" not in err
+
+
+def test_a_full_disk_fails_before_any_work_naming_the_folder(models, tmp_path, monkeypatch, spawned):
+    def no_space(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(CheckpointError, match=r"out: not enough free disk space for the output"):
+        merge(models, {"pool": POOL[:2], "method": "n_average"}, tmp_path / "out", workers=2)
+    assert leftovers(tmp_path / "out") == []
+    assert all(w.proc.returncode is not None for w in spawned)
+
+
+def test_more_workers_than_the_budget_holds_is_refused_with_the_figure(models, tmp_path):
+    plan = build_plan(recipe({"pool": POOL[:2], "method": "n_average"}), str(models), str(tmp_path / "o.safetensors"))
+    with pytest.raises(MemoryBudgetError, match=r"16 worker processes need about [0-9.]+ GiB .*raise --memory-gb"):
+        run_merge(plan, RunOptions(hash_inputs=False, workers=16, memory_gb=1.0))
+    assert not os.path.exists(tmp_path / "o.safetensors")
