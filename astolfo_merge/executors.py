@@ -159,10 +159,12 @@ class WorkerProcess:
 
 
 def worker_env() -> dict:
-    """The host's environment, the package importable, torch on one thread per worker."""
+    """The host's environment, this package importable (first, and not shadowed by the working
+    folder: PYTHONSAFEPATH, Python 3.11+), torch on one thread per worker."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONSAFEPATH"] = "1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = "1"
     return env

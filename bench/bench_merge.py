@@ -51,10 +51,11 @@ def main():
                          "RssFile GiB": gib(r["peak_RssFile"]), "x floor": f"{r['wall'] / floor['floor']:.2f}"})
             print(table(rows[-1:], list(rows[-1])), flush=True)
         ours = results.get(f"ours-{n}")
-        two = results.get(f"ours2w-{n}")
-        if ours and two:
-            print(f"N={n}: 2 workers / 1 worker time {two['wall'] / ours['wall']:.2f}x, "
-                  f"RssAnon (all processes) {two['peak_RssAnon'] / max(1, ours['peak_RssAnon']):.2f}x")
+        for one, two in (("ours", "ours2w"), ("ours32", "ours2w32")):
+            a, b = results.get(f"{one}-{n}"), results.get(f"{two}-{n}")
+            if a and b:
+                print(f"N={n}: {two}/{one} (2 workers / 1 worker) time {b['wall'] / a['wall']:.2f}x, "
+                      f"RssAnon (all processes) {b['peak_RssAnon'] / max(1, a['peak_RssAnon']):.2f}x")
         for other in ("mecha", "naive"):
             o = results.get(f"{other}-{n}")
             if ours and o:

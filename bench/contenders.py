@@ -1,8 +1,9 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|ours32|ours2t|ours2w|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+usage: python bench/contenders.py (ours|ours2t|ours2w[32]|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
 
-ours = 1 worker (in-process, the library default); ours2w = 2 worker processes (`--workers 2`).
+ours = 1 worker (in-process, the library default); ours2t = 2 chunk threads; ours2w = 2 worker
+processes (`--workers 2`); a trailing 32 = fp32 arithmetic (ours32, ours2w32).
 """
 import json
 import os
@@ -79,8 +80,8 @@ if __name__ == "__main__":
         else:
             rest.append(a)
     t = time.time()
-    if who == "ours32":     # ours with fp32 arithmetic (the precision the naive notebook average uses)
-        who, precision = "ours", "fp32"
+    if who.startswith("ours") and who.endswith("32"):   # fp32 arithmetic (what the naive notebook average uses)
+        who, precision = who[:-2], "fp32"
     extra = {}
     if who == "ours2t":     # ours with two chunk-worker threads
         who, extra = "ours", {"threads": 2}

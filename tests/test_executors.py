@@ -144,19 +144,24 @@ def test_one_and_two_worker_processes_write_the_same_bytes(models, tmp_path, spa
     assert leftovers(tmp_path / "w2") == ["out.safetensors"]
 
 
-def test_a_key_error_in_a_worker_is_the_same_error_as_in_process(models, tmp_path):
+def test_nan_inputs_fail_or_are_skipped_alike_in_process_and_in_workers(models, tmp_path):
+    """'fail': the same error; 'skip': the key is started over without that input (a rewind of
+    its byte range in the worker) and the bytes match."""
     sd = load(models / "sd1-b.safetensors")
     key = next(k for k, v in sd.items() if v.is_floating_point() and v.numel() > 1 and "diffusion_model" in k)
     sd[key].view(-1)[0] = float("nan")
     save_file(sd, models / "sd1-nan.safetensors")
-    doc = {"pool": ["sd1-a.safetensors", "sd1-nan.safetensors"], "method": "weighted_sum"}
-    errors = []
+    doc = {"pool": ["sd1-a.safetensors", "sd1-nan.safetensors", "sd1-c.safetensors"], "method": "n_average"}
+    errors, skipped = [], []
     for workers in (1, 2):
         with pytest.raises(MergeKeyError) as caught:
             merge(models, doc, tmp_path / f"w{workers}", workers)
         errors.append((caught.value.key, caught.value.files, str(caught.value)))
         assert leftovers(tmp_path / f"w{workers}") == []
+        skipped.append(merge(models, {**doc, "nonfinite": "skip"}, tmp_path / f"skip{workers}", workers))
     assert errors[0] == errors[1] and errors[0][0] == key
+    assert skipped[0].sha256 == skipped[1].sha256
+    assert any(key in line and "left out" in line for line in skipped[1].log) and skipped[0].log == skipped[1].log
 
 
 def test_user_errors_cross_the_pipe_with_their_class_and_fields():
