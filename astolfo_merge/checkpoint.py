@@ -701,7 +701,7 @@ class SafetensorsWriter:
     The header is refused up front if our own reader would refuse it (MAX_HEADER_BYTES).
     """
 
-    def __init__(self, target, entries, metadata=None, overwrite=False):
+    def __init__(self, target, entries, metadata=None, overwrite=False, positioned=False):
         self.target = os.path.abspath(os.fspath(target))
         self.overwrite = overwrite
         folder = os.path.dirname(self.target)
@@ -730,11 +730,30 @@ class SafetensorsWriter:
         self.reclaimed = reclaim_temp_files(folder, self.target)
         self._f = _open_locked(self.tmp, self.target)
         self._finished = False
-        self._out = _Emitter(self._f)
         self._index, self._left = 0, (self._sizes[0] if self._sizes else 0)
-        self._out.put(memoryview(struct.pack("<Q", len(blob)) + blob))
-        self._out.put(None, mark=0)
         self.sha256 = None
+        head = struct.pack("<Q", len(blob)) + blob
+        self.data_start = len(head)
+        if positioned:     # other processes fill the tensors' byte ranges (see `ranges`)
+            self._out = None
+            try:
+                _reserve(self._f.fileno(), self.total_bytes, folder)
+                _pwrite_all(self._f.fileno(), memoryview(head), 0)
+            except BaseException:
+                self.abort()
+                raise
+            return
+        self._out = _Emitter(self._f)
+        self._out.put(memoryview(head))
+        self._out.put(None, mark=0)
+
+    def ranges(self) -> dict:
+        """key -> (absolute byte offset in the file, byte count): where each tensor goes (positioned mode)."""
+        out, at = {}, self.data_start
+        for (key, _dtype, _shape), size in zip(self.entries, self._sizes):
+            out[key] = (at, size)
+            at += size
+        return out
 
     def __enter__(self):
         return self
@@ -777,13 +796,19 @@ class SafetensorsWriter:
         self._left = self._sizes[self._index] if self._index < len(self._sizes) else 0
         self._out.put(None, mark=self._index)
 
-    def commit(self) -> str:
-        while self._index < len(self.entries) and self._sizes[self._index] == 0:
-            self._advance()
-        if self._index < len(self.entries):
-            raise RuntimeError(f"writer closed before tensor '{self.entries[self._index][0]}' was written")
-        self._out.drain()
-        self._out.close()
+    def commit(self, sha256: str | None = None) -> str:
+        """fsync, rename atomically, return the file's sha256. In positioned mode the caller (who
+        knows when every range is written) may pass the digest it hashed; else the file is read."""
+        if self._out is None:
+            digest = sha256 or sha256_file(self.tmp)
+        else:
+            while self._index < len(self.entries) and self._sizes[self._index] == 0:
+                self._advance()
+            if self._index < len(self.entries):
+                raise RuntimeError(f"writer closed before tensor '{self.entries[self._index][0]}' was written")
+            self._out.drain()
+            self._out.close()
+            digest = self._out.hash.hexdigest()
         self._f.flush()
         os.fsync(self._f.fileno())
         if fcntl is None:     # Windows renames and deletes no open file: close (and unlock) first
@@ -800,11 +825,12 @@ class SafetensorsWriter:
         self._f.close()   # releases the lock only once the temp name is gone
         self._finished = True
         _fsync_dir(os.path.dirname(self.target))
-        self.sha256 = self._out.hash.hexdigest()
+        self.sha256 = digest
         return self.sha256
 
     def abort(self):
-        self._out.close()
+        if self._out is not None:
+            self._out.close()
         if self._finished:
             return
         self._finished = True
@@ -815,6 +841,65 @@ class SafetensorsWriter:
                 os.unlink(self.tmp)
         finally:
             self._f.close()
+
+
+class RangeWriter:
+    """Writes tensors into their byte ranges of a positioned `SafetensorsWriter`'s temp file, from
+    any process (the owner holds the lock and commits). Same bytes as the streaming writer: chunks
+    in row-major order, cast to the entry dtype; `rewind` starts a tensor over."""
+
+    def __init__(self, path, ranges: dict, dtypes: dict):
+        self.ranges, self.dtypes = ranges, dtypes
+        self._fd = os.open(path, os.O_WRONLY | O_BINARY)
+        self._written = {}
+
+    def write(self, key, chunk: torch.Tensor):
+        begin, size = self.ranges[key]
+        done = self._written.get(key, 0)
+        data = tensor_bytes(chunk.to(self.dtypes[key]))
+        if done + len(data) > size:
+            raise RuntimeError(f"tensor '{key}': {done + len(data)} bytes written, only {size} planned")
+        _pwrite_all(self._fd, data, begin + done)
+        self._written[key] = done + len(data)
+
+    def rewind(self, key):
+        self._written[key] = 0
+
+    def written(self, key) -> int:
+        return self._written.get(key, 0)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _reserve(fd, size, folder):
+    """Size the file and allocate its blocks now, so a full disk fails here, once, with the folder
+    named, rather than in whichever worker writes a range of a sparse file mid-merge."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(folder, f"not enough free disk space for the output ({size / 1e9:.2f} GB)") from None
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd, data, at):
+    """All of `data` at offset `at` (positioned writes may be short); Windows has no pwrite: seek."""
+    view, done = memoryview(data).cast("B"), 0
+    while done < len(view):
+        if hasattr(os, "pwrite"):
+            done += os.pwrite(fd, view[done:], at + done)
+        else:
+            os.lseek(fd, at + done, os.SEEK_SET)
+            done += os.write(fd, view[done:])
+
+
 
 
 def _name_tag(target) -> str:

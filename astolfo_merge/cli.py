@@ -40,6 +40,17 @@ def _progress_printer(stream=sys.stderr, interval=0.5):
     return show
 
 
+def _workers(text):
+    """--workers: 0 (auto) or a positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (auto) or a positive integer, got {text!r}")
+    return value
+
+
 def cmd_merge(args):
     from .engine import RunOptions, run_merge
     from .plan import build_plan
@@ -55,7 +66,7 @@ def cmd_merge(args):
         recipe.output = default_output_name(recipe)
     plan = build_plan(recipe, args.models_dir, args.output)
     options = RunOptions(device=args.device, threads=args.threads, memory_gb=args.memory_gb,
-                         overwrite=args.overwrite, hash_inputs=not args.no_hash)
+                         overwrite=args.overwrite, hash_inputs=not args.no_hash, workers=args.workers)
     print(f"merging {len(recipe.pool)} model(s) with {recipe.method} ({plan.arch}, {len(plan.keys)} keys) -> {plan.output}",
           file=sys.stderr)
     for line in plan.log:
@@ -143,6 +154,8 @@ def build_parser():
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     m.add_argument("--threads", type=int, default=0,
                    help="chunk worker threads (0 = auto = 1; more only pays off where ops are not GIL-bound)")
+    m.add_argument("--workers", type=_workers, default=0, metavar="N",
+                   help="1 = in this process; N > 1 = N worker processes; 0 = auto (cores and --memory-gb allow)")
     m.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")

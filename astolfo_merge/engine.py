@@ -7,12 +7,14 @@ produced. Cancel and errors abort the writer, so nothing half-written stays behi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,12 +26,14 @@ import torch
 from . import __version__
 from .checkpoint import (FP8_DTYPES, OUTPUT_DTYPES, CheckpointReader, HashCache, SafetensorsWriter, cast_output,
                          ensure_open_files, fp8_out_of_range, legacy_model_hash)
-from .errors import Cancelled, MergeKeyError, RecipeError, check_memory_gb
+from .errors import (AstolfoError, Cancelled, MemoryBudgetError, MergeKeyError, OutputExistsError, RecipeError,
+                     check_memory_gb)
+from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count, changed_input, input_stats, run_tasks
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
-from .strict_json import loads as strict_loads
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
-from .plan import GIB, KeyPlan, Plan, refuse_input_as_output
+from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, refuse_input_as_output
+from .strict_json import loads as strict_loads
 from .workers import ChunkWorkers, auto_workers
 
 # Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
@@ -50,6 +54,9 @@ class RunOptions:
     hash_inputs: bool = True
     hash_cache: HashCache | None = None
     chunk_bytes: int | None = None   # override the per-key chunk budget (tests, benchmarks)
+    workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (executors.py)
+    isolate: bool | None = None      # True: worker processes even for one worker, so a dying merge spares the
+                                     # host (None: background jobs isolate, direct calls do not)
 
     def __post_init__(self):   # every front end (CLI, tab, app, scripts) builds these: refuse NaN / inf / <= 0 here
         self.memory_gb = check_memory_gb(self.memory_gb)
@@ -397,17 +404,17 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
-    # Parallelism is across chunks (ChunkWorkers), each op single-threaded: streaming chunks are too
-    # small for torch's own thread team to pay off, and on a busy machine every parallel op waits for
-    # a descheduled team member (measured: 10x slower).
-    torch.set_num_threads(1)
-    workers = options.threads or auto_workers(device.type)
+    processes = _process_count(plan, options)
     dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
     start = time.monotonic()
     total_bytes = plan.output_bytes
     done_bytes, log = 0, list(plan.log)
 
-    merge_start = None
+    merge_start = None   # the ETA counts from the end of hashing (see merge_eta)
+
+    def merging():
+        nonlocal merge_start
+        merge_start = time.monotonic()
 
     def report(message="", key="", keys_done=0, stage=""):
         if progress:
@@ -415,27 +422,48 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
             eta = merge_eta(now - merge_start, done_bytes, total_bytes) if merge_start else None
             progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, now - start, eta, key, message, stage))
 
+    def tally(kp, keys_done):
+        nonlocal done_bytes
+        done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
+        report(key=kp.key, keys_done=keys_done)
+
+    stats = input_stats(plan)
+    crew = Crew(processes) if processes and _stageless(plan, log) else None
+    try:
+        return _run(plan, options, report, crew, dtype, device, log, cancel, start, tally, merging)
+    except (Cancelled, OutputExistsError):
+        raise
+    except (AstolfoError, RuntimeError, ValueError, OSError) as exc:   # an input changed: name it, not the symptom
+        changed = changed_input(stats, f"reading it failed ({exc.__class__.__name__})")
+        if changed is not None:
+            raise changed from exc
+        raise
+    finally:
+        if crew is not None:
+            crew.close()
+
+
+def _run(plan, options, report, crew, dtype, device, log, cancel, start, tally, merging) -> MergeResult:
+    """Hash inputs, prepare methods, then run the keys on the crew (when it can take the plan) or here."""
     hashes = _input_hashes(plan, options, report)
     ensure_open_files(len(plan.sources))
-    merge_start = time.monotonic()
+    merging()
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
-    entries = [(k.key, k.dtype, k.shape) for k in plan.keys]
     # Test-only: seconds to sleep per key, so tests can observe and interrupt a tiny merge midway.
     test_delay = float(os.environ.get("ASTOLFO_TEST_SLOW_KEYS", "0") or 0)
-    pool = ChunkWorkers(workers)
+    pool = ChunkWorkers(options.threads or auto_workers(device.type))
     try:
         states = _prepare_methods(plan, readers, log, report, cancel)
-        with SafetensorsWriter(plan.output, entries, output_metadata(plan, hashes), options.overwrite) as writer:
-            for n, kp in enumerate(plan.keys):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
-                done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
-                report(key=kp.key, keys_done=n + 1)
-                if test_delay:
-                    time.sleep(test_delay)
-            sha = writer.commit()
+        meta = output_metadata(plan, hashes)
+        if crew is not None and _shippable(plan, states, log):
+            setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
+                     "chunk_bytes": max(16 << 20, chunk_bytes // len(crew.workers)), "test_delay": test_delay}
+            sha = _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log)
+        else:
+            with one_torch_thread():
+                sha = _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options,
+                                tally, test_delay)
     finally:
         pool.close()
         for r in readers:
@@ -444,6 +472,84 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
         (options.hash_cache or HashCache()).put(plan.output, sha)
     return MergeResult(plan.output, sha, os.path.getsize(plan.output), time.monotonic() - start, len(plan.keys),
                        log, dict(plan.component_summary))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread while a merge runs here, restored afterwards (a host such as the WebUI
+    keeps its own setting). Why one: parallelism is across chunks (ChunkWorkers) or processes;
+    streaming chunks are too small for torch's thread team to pay off, and on a busy machine every
+    parallel op waits for a descheduled team member (measured: 10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _process_count(plan: Plan, options: RunOptions) -> int:
+    """Worker processes to run `plan` on; 0 = in this process (`workers` 1, unless `isolate`)."""
+    if isinstance(options.workers, bool) or not isinstance(options.workers, int) or options.workers < 0:
+        raise RecipeError("workers", f"must be 0 (auto) or a positive integer, got {options.workers!r}")
+    budget, share = int(options.memory_gb * GIB), plan.peak_bytes(WORKER_CHUNK_BYTES)
+    count = options.workers or auto_process_count(budget, plan.output_bytes, share)
+    if count > 1 and count * share > budget + OVERHEAD_BYTES:
+        need = math.ceil(count * share / GIB * 10) / 10
+        raise MemoryBudgetError(f"{count} worker processes need about {need} GiB together but the budget is "
+                                f"{options.memory_gb:.2f} GiB; raise --memory-gb to {need} or use fewer workers")
+    return 0 if count == 1 and not options.isolate else count
+
+
+def _stageless(plan: Plan, log: list) -> bool:
+    """Keys with LoRA / Fermat stages hold open files and closures that worker processes cannot
+    receive (yet): such plans run in this process (logged)."""
+    if any(kp.pre or kp.post for kp in plan.keys):
+        log.append("workers: this plan bakes in LoRAs or Fermat stages; it runs in this process")
+        return False
+    return True
+
+
+def _shippable(plan: Plan, states: dict, log: list) -> bool:
+    """Whether the plan and the prepared state can be sent to worker processes (else: this process, logged)."""
+    try:
+        pickle.dumps((plan, states), protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        log.append(f"workers: the plan cannot be sent to worker processes ({exc}); it runs in this process")
+        return False
+    return True
+
+
+def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options, tally,
+              test_delay) -> str:
+    """Every key in this process, in order, through the streaming writer; returns the sha256."""
+    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta,
+                           options.overwrite) as writer:
+        for n, kp in enumerate(plan.keys):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+            tally(kp, n + 1)
+            if test_delay:
+                time.sleep(test_delay)
+        return writer.commit()
+
+
+def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str:
+    """The keys as tasks on worker processes writing into the preallocated temp output (executors.py)."""
+    done = 0
+
+    def on_key(index):
+        nonlocal done
+        done += 1
+        tally(plan.keys[index], done)
+
+    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+                           positioned=True) as writer:
+        sha, key_log = run_tasks(plan, writer, setup, crew, on_key, cancel)
+        writer.commit(sha)
+    log.extend(key_log)
+    return sha
 
 
 def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
@@ -455,7 +561,8 @@ def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
         if method.prepare is not None:
             report(f"preparing {name}")
             extra = {"cancel": cancel} if "cancel" in inspect.signature(method.prepare).parameters else {}
-            states[name] = method.prepare(plan, readers, log, report, **extra)
+            with one_torch_thread():    # the same arithmetic whichever executor runs the keys
+                states[name] = method.prepare(plan, readers, log, report, **extra)
     return states
 
 

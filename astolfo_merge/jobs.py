@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import itertools
 import os
 import threading
@@ -70,6 +71,8 @@ class Job:
 
     def __init__(self, plan, options: RunOptions, title: str, on_done: Callable[[MergeResult], object] | None):
         self.id = f"job-{next(self._ids)}-{int(time.time())}"
+        if options.isolate is None:   # merges run in worker processes: the host's torch settings stay as
+            options = dataclasses.replace(options, isolate=True)   # they are and a dying worker spares it
         self.plan, self.options, self.title, self.on_done = plan, options, title, on_done
         self.cancel_event = threading.Event()
         self.done_event = threading.Event()

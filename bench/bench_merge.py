@@ -1,4 +1,5 @@
-"""n_average of 2/4/8 full-size SD1-shaped fp16 checkpoints: ours vs sd-mecha vs naive vs the I/O floor.
+"""n_average of 2/4/8 full-size SD1-shaped fp16 checkpoints: ours (1 worker, 2 worker processes) vs
+sd-mecha vs naive vs the I/O floor.
 
     .venv/bin/python bench/bench_merge.py [--dir /tmp/astolfo-bench] [--sizes 2,4,8] [--scale 1]
 
@@ -21,7 +22,7 @@ def main():
     ap.add_argument("--dir", default="/tmp/astolfo-bench")
     ap.add_argument("--sizes", default="2,4,8")
     ap.add_argument("--scale", type=int, default=1)
-    ap.add_argument("--contenders", default="ours,mecha,naive")
+    ap.add_argument("--contenders", default="ours,ours2w,mecha,naive")
     ap.add_argument("--memory-gb", type=float, default=1.5)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -50,6 +51,11 @@ def main():
                          "RssFile GiB": gib(r["peak_RssFile"]), "x floor": f"{r['wall'] / floor['floor']:.2f}"})
             print(table(rows[-1:], list(rows[-1])), flush=True)
         ours = results.get(f"ours-{n}")
+        for one, two in (("ours", "ours2w"), ("ours32", "ours2w32")):
+            a, b = results.get(f"{one}-{n}"), results.get(f"{two}-{n}")
+            if a and b:
+                print(f"N={n}: {two}/{one} (2 workers / 1 worker) time {b['wall'] / a['wall']:.2f}x, "
+                      f"RssAnon (all processes) {b['peak_RssAnon'] / max(1, a['peak_RssAnon']):.2f}x")
         for other in ("mecha", "naive"):
             o = results.get(f"{other}-{n}")
             if ours and o:

@@ -1,8 +1,10 @@
 """TIES (k = 0.2), Model Stock and the geometric median on N = 4 and 8 full-size SD1-shaped fp16
-checkpoints: ours vs sd-mecha 1.1.8, side by side, each contender in its own process.
+checkpoints: ours (1 worker; `ours2w`: 2 worker processes) vs sd-mecha 1.1.8, side by side, each
+contender in its own process (memory summed over its worker processes). The ratio columns compare
+each row to `ours` (1 worker).
 
     .venv/bin/python bench/bench_methods.py [--dir /tmp/astolfo-bench] [--sizes 4,8] [--scale 1]
-        [--methods ties,model_stock,geometric_median] [--contenders ours,mecha] [--memory-gb 1.5]
+        [--methods ties,model_stock,geometric_median] [--contenders ours,ours2w,mecha] [--memory-gb 1.5]
 
 Prints wall time and peak private memory (RssAnon, read from /proc/<pid>/status of the child) per
 contender, the ratios mecha/ours, and the time to read the inputs once (`cat` to /dev/null). Inputs
@@ -43,7 +45,7 @@ def main():
     ap.add_argument("--sizes", default="4,8")
     ap.add_argument("--scale", type=int, default=1, help="divide every dimension divisible by it (16: smoke test)")
     ap.add_argument("--methods", default="ties,model_stock,geometric_median")
-    ap.add_argument("--contenders", default="ours,mecha")
+    ap.add_argument("--contenders", default="ours,ours2w,mecha")
     ap.add_argument("--memory-gb", type=float, default=1.5)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -58,7 +60,7 @@ def main():
         warm(inputs + [base])
         read = read_once(inputs + [base])
         rows.append({"method": "-", "N": n, "contender": "read inputs once (cat)", "wall s": f"{read:.1f}",
-                     "RssAnon GiB": "-", "mecha/ours time": "", "mecha/ours RssAnon": ""})
+                     "RssAnon GiB": "-", "x ours time": "", "x ours RssAnon": ""})
         print(table(rows[-1:], list(rows[-1])), flush=True)
         for method in methods:
             got = {}
@@ -71,14 +73,14 @@ def main():
                 results[f"{who}-{method}-{n}"] = {**r, "read_once": read}
             for who, r in got.items():
                 row = {"method": method, "N": n, "contender": who, "wall s": f"{r['wall']:.1f}",
-                       "RssAnon GiB": gib(r["peak_RssAnon"]), "mecha/ours time": "", "mecha/ours RssAnon": ""}
-                if who == "mecha" and "ours" in got:
-                    row["mecha/ours time"] = f"{r['wall'] / got['ours']['wall']:.2f}x"
-                    row["mecha/ours RssAnon"] = f"{r['peak_RssAnon'] / max(1, got['ours']['peak_RssAnon']):.2f}x"
+                       "RssAnon GiB": gib(r["peak_RssAnon"]), "x ours time": "", "x ours RssAnon": ""}
+                if who in ("mecha", "ours2w") and "ours" in got:
+                    row["x ours time"] = f"{r['wall'] / got['ours']['wall']:.2f}x"
+                    row["x ours RssAnon"] = f"{r['peak_RssAnon'] / max(1, got['ours']['peak_RssAnon']):.2f}x"
                 rows.append(row)
                 print(table(rows[-1:], list(rows[-1])), flush=True)
     print()
-    print(table(rows, ["method", "N", "contender", "wall s", "RssAnon GiB", "mecha/ours time", "mecha/ours RssAnon"]))
+    print(table(rows, ["method", "N", "contender", "wall s", "RssAnon GiB", "x ours time", "x ours RssAnon"]))
     save_results(f"bench_methods-s{args.scale}", results)
 
 

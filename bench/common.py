@@ -43,8 +43,33 @@ def _status(pid):
     return out
 
 
+def _tree(pid) -> list:
+    """pid and all its descendants (worker processes count toward a contender's memory)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _tree_status(pid) -> dict:
+    """_status summed over the process tree at one instant."""
+    total = {}
+    for p in _tree(pid):
+        for k, v in _status(p).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
 def run_measured(cmd, env=None, timeout=3600, discard_stdout=False) -> dict:
-    """Run a command; return wall seconds, peak RssAnon / RssFile / VmRSS (bytes), exit code, output tail."""
+    """Run a command; return wall seconds, peak RssAnon / RssFile / VmRSS (bytes, summed over the
+    command and its child processes at each sample), exit code, output tail."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if discard_stdout else subprocess.PIPE,
                             stderr=subprocess.STDOUT if not discard_stdout else subprocess.DEVNULL,
@@ -55,7 +80,7 @@ def run_measured(cmd, env=None, timeout=3600, discard_stdout=False) -> dict:
     reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
     reader.start()
     while proc.poll() is None:
-        for k, v in _status(proc.pid).items():
+        for k, v in _tree_status(proc.pid).items():
             peak[k] = max(peak[k], v)
         time.sleep(0.02)
         if time.monotonic() - t0 > timeout:

@@ -1,6 +1,9 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|ours32|ours2t|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+usage: python bench/contenders.py (ours|ours2t|ours2w[32]|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+
+ours = 1 worker (in-process, the library default); ours2t = 2 chunk threads; ours2w = 2 worker
+processes (`--workers 2`); a trailing 32 = fp32 arithmetic (ours32, ours2w32).
 """
 import json
 import os
@@ -10,7 +13,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision, threads=0):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1):
     from astolfo_merge.engine import RunOptions, run_merge
     from astolfo_merge.plan import build_plan
     from astolfo_merge.recipe import parse_recipe
@@ -18,7 +21,8 @@ def ours(method, out, inputs, base, memory_gb, params, precision, threads=0):
     if base:
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
-    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads))
+    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
+                                   workers=workers))
 
 
 def mecha(method, out, inputs, base, memory_gb, params, precision):
@@ -76,11 +80,12 @@ if __name__ == "__main__":
         else:
             rest.append(a)
     t = time.time()
-    if who == "ours32":     # ours with fp32 arithmetic (the precision the naive notebook average uses)
-        who, precision = "ours", "fp32"
-    threads = 0
+    if who.startswith("ours") and who.endswith("32"):   # fp32 arithmetic (what the naive notebook average uses)
+        who, precision = who[:-2], "fp32"
+    extra = {}
     if who == "ours2t":     # ours with two chunk-worker threads
-        who, threads = "ours", 2
-    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
-                                                          **({"threads": threads} if who == "ours" else {}))
+        who, extra = "ours", {"threads": 2}
+    if who == "ours2w":     # ours on two worker processes
+        who, extra = "ours", {"workers": 2}
+    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision, **extra)
     print(f"{who} {method} done in {time.time() - t:.1f} s")

@@ -1,0 +1,67 @@
+"""A merge worker process: `python -m astolfo_merge.worker_main`, driven over stdin / stdout.
+
+Started fresh by `executors.WorkerProcess` (never forked from the host). Receives the plan, the
+methods' prepared state and the output's byte ranges once ("setup"), then tasks (runs of key
+indices); for each key it reports "started" and "key" (with the key's log lines), for each task
+"task". Any failure is sent back as data ("error") before the process exits.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from .checkpoint import CheckpointReader, RangeWriter
+from .engine import _write_key
+from .executors import pack_error, read_frame, send_frame
+
+
+def serve(inbox, outbox):
+    setup = read_frame(inbox)
+    if setup is None:
+        return
+    setup = setup[1]
+    plan, states = setup["plan"], setup["states"]
+    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
+    delay = setup.get("test_delay", 0.0)
+    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    writer = RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
+    try:
+        while (msg := read_frame(inbox)) is not None and msg[0] == "task":
+            _, task_id, first, stop = msg
+            for index in range(first, stop):
+                send_frame(outbox, ("started", index))
+                log = []
+                _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, states)
+                send_frame(outbox, ("key", index, log))
+                if delay:
+                    time.sleep(delay)
+            send_frame(outbox, ("task", task_id))
+    finally:
+        writer.close()
+        for r in readers:
+            r.close()
+
+
+def main():
+    torch.set_num_threads(1)
+    # The protocol owns the real stdout; anything else printed goes to stderr.
+    outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    inbox = sys.stdin.buffer
+    try:
+        with torch.no_grad():
+            serve(inbox, outbox)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as data
+        try:
+            send_frame(outbox, ("error", pack_error(exc), traceback.format_exc(limit=8)))
+        except OSError:
+            pass
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
