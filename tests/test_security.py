@@ -21,7 +21,7 @@ import pytest
 
 from astolfo_merge.paths import RECIPE_MAX_BYTES, Folders, PathRefused, within
 from astolfo_merge.ui_state import MODES
-from browser_helpers import free_port, wait_http
+from browser_helpers import free_port, wait_http, stop
 from conftest import ROOT
 from test_cli import cli
 from test_ui import run_app_command
@@ -68,11 +68,7 @@ def app(site):
         wait_http(url + "/", proc)
         yield Page(url, port)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 class Page:
