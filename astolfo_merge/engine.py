@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import inspect
 import json
 import math
 import os
-import pickle
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,12 +25,14 @@ from . import __version__
 from .checkpoint import (FP8_DTYPES, OUTPUT_DTYPES, CheckpointReader, HashCache, SafetensorsWriter, cast_output,
                          ensure_open_files, fp8_out_of_range, legacy_model_hash)
 from .errors import (AstolfoError, Cancelled, MemoryBudgetError, MergeKeyError, OutputExistsError, RecipeError,
-                     check_memory_gb)
+                     check_memory_gb, check_throttle)
 from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count, changed_input, input_stats, run_tasks
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
-from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, refuse_input_as_output
+from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, key_seed, refuse_input_as_output
+from .stage_run import Bindings, run_whole_stage
+from .stages import OUTPUT, TEMP
 from .strict_json import loads as strict_loads
 from .workers import ChunkWorkers, auto_workers
 
@@ -57,9 +57,13 @@ class RunOptions:
     workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (executors.py)
     isolate: bool | None = None      # True: worker processes even for one worker, so a dying merge spares the
                                      # host (None: background jobs isolate, direct calls do not)
+    throttle: float = 0.0            # seconds to pause after each key, in every worker: a merge that leaves a
+                                     # shared disk and CPU to others; front ends' --throttle (tests use it to
+                                     # watch progress and cancel on tiny models)
 
     def __post_init__(self):   # every front end (CLI, tab, app, scripts) builds these: refuse NaN / inf / <= 0 here
         self.memory_gb = check_memory_gb(self.memory_gb)
+        self.throttle = check_throttle(self.throttle)
 
 
 @dataclass
@@ -124,21 +128,15 @@ class NonFiniteInput(Exception):
         self.source = source
 
 
-def key_seed(seed: int, key: str) -> int:
-    """Per-key seed: independent of key order and thread count."""
-    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class FileKeyInputs(KeyInputs):
     """The N pool tensors (+ base) of one key, read from files in row chunks."""
 
     def __init__(self, plan: Plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, state=None,
-                 workers: ChunkWorkers | None = None, check_inputs: bool = True):
-        self.state, self._workers = state, workers
+                 workers: ChunkWorkers | None = None, check_inputs: bool = True, bound: Bindings | None = None):
+        self.state, self._workers, self._bound = state, workers, bound
         self.key, self.shape, self.n = kp.key, tuple(kp.shape), len(kp.pool)
         self.has_base, self.dtype, self.device = kp.base is not None, dtype, device
-        self.seed = key_seed(plan.recipe.seed, kp.key)
+        self.seed = kp.seed if kp.seed is not None else key_seed(plan.recipe.seed, kp.key)
         self.recipe_seed, self.budget_bytes = plan.recipe.seed, chunk_bytes
         self._plan, self._kp, self._readers = plan, kp, readers
         self._chunk_bytes, self._log = chunk_bytes, log
@@ -189,8 +187,9 @@ class FileKeyInputs(KeyInputs):
     def read_rows(self, i, start, stop, out=None):
         source = self._kp.pool[i]
         t = self._read(source, start, stop, out)
-        for pre in self._kp.pre.get(source, ()):    # e.g. a LoRA baked into this pool member first
-            t = pre(t, start, stop)
+        if self._kp.pre.get(source):                # e.g. a LoRA baked into this pool member first
+            for pre in self._bound.pre(self._kp, source):
+                t = pre(t, start, stop)
         return t
 
     def read_base_rows(self, start, stop, out=None):
@@ -390,47 +389,23 @@ def merge_eta(merging_s: float, done_bytes: int, total_bytes: int) -> float | No
 
 
 def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[[Progress], None] | None = None,
-              cancel: threading.Event | None = None, *, post_process: bool = True) -> MergeResult:
-    """Run `plan`. `post_process=False` runs exactly this plan, skipping recipe-level post-processes
-    (the Fermat a→b→c stage, ALGORITHMS.md §14.3, runs its own stage plans that way)."""
+              cancel: threading.Event | None = None) -> MergeResult:
+    """Run `plan`'s pipeline (plan.stages, stages.py): whole-plan stages once, in this process; key
+    stages as tasks here or on worker processes (`options.workers`). Returns the result of the stage
+    that writes the plan's output, with the log of the whole run."""
     options = options or RunOptions()
     if plan.output is None:
         raise RecipeError("output", "no output file given")
-    refuse_input_as_output(plan, plan.output)
-    if post_process and plan.recipe.extra.get("fermat"):
-        from .rebasin.fermat import run_fermat
-        return run_fermat(plan, options, progress, cancel)
+    _check_outputs(plan, options)
     plan.check_budget(options.memory_gb)
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
-    processes = _process_count(plan, options)
-    dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
-    start = time.monotonic()
-    total_bytes = plan.output_bytes
-    done_bytes, log = 0, list(plan.log)
-
-    merge_start = None   # the ETA counts from the end of hashing (see merge_eta)
-
-    def merging():
-        nonlocal merge_start
-        merge_start = time.monotonic()
-
-    def report(message="", key="", keys_done=0, stage=""):
-        if progress:
-            now = time.monotonic()
-            eta = merge_eta(now - merge_start, done_bytes, total_bytes) if merge_start else None
-            progress(Progress(keys_done, len(plan.keys), done_bytes, total_bytes, now - start, eta, key, message, stage))
-
-    def tally(kp, keys_done):
-        nonlocal done_bytes
-        done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
-        report(key=kp.key, keys_done=keys_done)
-
+    _process_count(plan, options)     # a bad worker count or budget is refused before any work
     stats = input_stats(plan)
-    crew = Crew(processes) if processes and _stageless(plan, log) else None
+    run = _Pipeline(plan, options, progress, cancel, device)
     try:
-        return _run(plan, options, report, crew, dtype, device, log, cancel, start, tally, merging)
+        return run.run()
     except (Cancelled, OutputExistsError):
         raise
     except (AstolfoError, RuntimeError, ValueError, OSError) as exc:   # an input changed: name it, not the symptom
@@ -439,39 +414,156 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
             raise changed from exc
         raise
     finally:
-        if crew is not None:
-            crew.close()
+        run.close()
 
 
-def _run(plan, options, report, crew, dtype, device, log, cancel, start, tally, merging) -> MergeResult:
-    """Hash inputs, prepare methods, then run the keys on the crew (when it can take the plan) or here."""
-    hashes = _input_hashes(plan, options, report)
-    ensure_open_files(len(plan.sources))
-    merging()
-    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
-    # Test-only: seconds to sleep per key, so tests can observe and interrupt a tiny merge midway.
-    test_delay = float(os.environ.get("ASTOLFO_TEST_SLOW_KEYS", "0") or 0)
-    pool = ChunkWorkers(options.threads or auto_workers(device.type))
-    try:
-        states = _prepare_methods(plan, readers, log, report, cancel)
-        meta = output_metadata(plan, hashes)
-        if crew is not None and _shippable(plan, states, log):
-            setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
-                     "chunk_bytes": max(16 << 20, chunk_bytes // len(crew.workers)), "test_delay": test_delay}
-            sha = _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log)
-        else:
-            with one_torch_thread():
-                sha = _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options,
-                                tally, test_delay)
-    finally:
-        pool.close()
-        for r in readers:
+def stage_output(plan: Plan, stage) -> str | None:
+    """The file a key stage writes: the plan's output, a side file, or None for a temp file."""
+    if stage.output == OUTPUT:
+        return plan.output
+    return None if stage.output == TEMP else stage.output
+
+
+def _check_outputs(plan: Plan, options: RunOptions):
+    """Every file the pipeline writes, before any work: never an input, never replaced unless asked."""
+    for stage in plan.stages:
+        path = stage_output(plan, stage) if stage.kind == "keys" else None
+        if path is None:
+            continue
+        refuse_input_as_output(plan, path)
+        if os.path.exists(path) and not options.overwrite:
+            raise OutputExistsError(path)
+
+
+class _Pipeline:
+    """One run of a plan's stages: the inputs' readers, the stage results handed on as data, the log
+    and progress, and the temp files to remove whatever happens."""
+
+    def __init__(self, plan: Plan, options: RunOptions, progress, cancel, device):
+        self.plan, self.options, self.progress, self.cancel, self.device = plan, options, progress, cancel, device
+        self.dtype = plan.compute_dtype
+        self.log, self.results, self.temps = list(plan.log), {}, []
+        self.bound = Bindings(plan, self.results)
+        self.start = time.monotonic()
+        self.readers, self.pool = [], None
+        self.chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
+        first = next((s for s in plan.stages if s.kind == "keys"), None)
+        self.crew = self._crew(self._stage_plan(first)) if first is not None else None   # started early: see Crew
+
+    def run(self) -> MergeResult:
+        hashes = _input_hashes(self.plan, self.options, self._reporter(""))
+        ensure_open_files(len(self.plan.sources))
+        self.readers = [CheckpointReader(s.path, s.header) for s in self.plan.sources]
+        self.pool = ChunkWorkers(self.options.threads or auto_workers(self.device.type))
+        result = None
+        for stage in self.plan.stages:
+            if stage.kind != "keys":
+                with one_torch_thread():    # the same arithmetic whichever executor runs the keys
+                    found = run_whole_stage(stage, self.plan, self.readers, self.bound, self.log,
+                                            self._reporter(stage.label), self.cancel)
+                self.results[stage.result or stage.name] = found
+                continue
+            done = self._keys(stage, hashes)
+            if stage.output == OUTPUT:
+                result = done
+            elif stage.output != TEMP:
+                self.log.append(f"{stage.name}: wrote {done.path}")
+        result.log, result.seconds = self.log, time.monotonic() - self.start
+        return result
+
+    def _stage_plan(self, stage) -> Plan:
+        """The plan one key stage runs: its keys, its file, its recipe (a side output's note)."""
+        recipe = self.plan.recipe
+        if stage.output != OUTPUT:     # intermediate files describe the recipe without the stage that made them
+            extra = {k: v for k, v in recipe.extra.items() if k != "fermat"}
+            recipe = dataclasses.replace(recipe, extra=dict(extra, note=stage.note) if stage.note else extra)
+        output = stage_output(self.plan, stage) or _temp_path(self.plan.output, stage.name)
+        return dataclasses.replace(self.plan, keys=self.plan.keys if stage.keys is None else stage.keys,
+                                   output=output, recipe=recipe, stages=[])
+
+    def _crew(self, sub: Plan):
+        count = _process_count(sub, self.options)
+        return Crew(count) if count else None
+
+    def _keys(self, stage, hashes) -> MergeResult:
+        """One key stage through the streaming writer, here or as tasks on worker processes."""
+        sub = self._stage_plan(stage)
+        temp = stage.output == TEMP
+        if temp:
+            self.temps.append(sub.output)
+        report = self._reporter(stage.label, sub)
+        if stage.label and not temp:
+            report(f"writing {sub.output}")
+        began = time.monotonic()
+        options = dataclasses.replace(self.options, overwrite=True) if temp else self.options
+        meta = output_metadata(sub, {} if temp else hashes)
+        crew, self.crew = (self.crew or self._crew(sub)), None
+        tally = report.tally
+        try:
+            if crew is not None:
+                setup = {"plan": sub, "results": self.results, "dtype": self.dtype, "device": options.device,
+                         "chunk_bytes": max(16 << 20, self.chunk_bytes // len(crew.workers)), "throttle": options.throttle}
+                sha = _run_in_workers(sub, crew, setup, meta, options, tally, self.cancel, self.log)
+            else:
+                with one_torch_thread():
+                    sha = _run_here(sub, self.readers, self.dtype, self.device, self.chunk_bytes, self.log, self.cancel,
+                                    self.bound, self.pool, meta, options, tally)
+        finally:
+            if crew is not None:
+                crew.close()
+        if temp:
+            self.results[stage.result or stage.name] = sub.output
+        elif options.hash_inputs:
+            (options.hash_cache or HashCache()).put(sub.output, sha)
+        return MergeResult(sub.output, sha, os.path.getsize(sub.output), time.monotonic() - began, len(sub.keys),
+                           self.log, dict(self.plan.component_summary))
+
+    def _reporter(self, label: str, sub: Plan | None = None) -> "_Reporter":
+        return _Reporter(self.progress, label, sub or self.plan, self.start, counting=sub is not None)
+
+    def close(self):
+        if self.crew is not None:
+            self.crew.close()
+        if self.pool is not None:
+            self.pool.close()
+        for r in self.readers:
             r.close()
-    if options.hash_inputs:
-        (options.hash_cache or HashCache()).put(plan.output, sha)
-    return MergeResult(plan.output, sha, os.path.getsize(plan.output), time.monotonic() - start, len(plan.keys),
-                       log, dict(plan.component_summary))
+        self.bound.close()
+        for path in self.temps:
+            if os.path.exists(path):
+                os.remove(path)
+
+
+class _Reporter:
+    """Progress of one stage: report(message, key, keys_done, stage); `tally(kp, n)` counts a written
+    key. Messages get the stage's label in front ("Fermat 3/3, c: ..."); the ETA counts from the
+    stage's first key (hashing and whole-plan stages are not part of the rate, see merge_eta)."""
+
+    def __init__(self, progress, label, plan: Plan, start: float, counting: bool):
+        self.progress, self.label, self.start = progress, label, start
+        self.keys_total, self.bytes_total, self.done_bytes = len(plan.keys), plan.output_bytes, 0
+        self.began = time.monotonic() if counting else None
+
+    def __call__(self, message="", key="", keys_done=0, stage=""):
+        if not self.progress:
+            return
+        now = time.monotonic()
+        eta = merge_eta(now - self.began, self.done_bytes, self.bytes_total) if self.began else None
+        if message and self.label:
+            message = f"{self.label}: {message}"
+        self.progress(Progress(keys_done, self.keys_total, self.done_bytes, self.bytes_total, now - self.start, eta,
+                               key, message, stage))
+
+    def tally(self, kp, keys_done):
+        self.done_bytes += math.prod(kp.shape) * kp.dtype.itemsize
+        self(key=kp.key, keys_done=keys_done)
+
+
+def _temp_path(output: str, name: str) -> str:
+    """A hidden temp file next to the output for stage `name` (removed after the merge)."""
+    stem = os.path.splitext(os.path.basename(output))[0]
+    tag = name.replace(" ", "-")
+    return os.path.join(os.path.dirname(output), f".{stem}.{tag}-{secrets.token_hex(4)}.safetensors")
 
 
 @contextlib.contextmanager
@@ -501,37 +593,17 @@ def _process_count(plan: Plan, options: RunOptions) -> int:
     return 0 if count == 1 and not options.isolate else count
 
 
-def _stageless(plan: Plan, log: list) -> bool:
-    """Keys with LoRA / Fermat stages hold open files and closures that worker processes cannot
-    receive (yet): such plans run in this process (logged)."""
-    if any(kp.pre or kp.post for kp in plan.keys):
-        log.append("workers: this plan bakes in LoRAs or Fermat stages; it runs in this process")
-        return False
-    return True
-
-
-def _shippable(plan: Plan, states: dict, log: list) -> bool:
-    """Whether the plan and the prepared state can be sent to worker processes (else: this process, logged)."""
-    try:
-        pickle.dumps((plan, states), protocol=pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        log.append(f"workers: the plan cannot be sent to worker processes ({exc}); it runs in this process")
-        return False
-    return True
-
-
-def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options, tally,
-              test_delay) -> str:
+def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, bound, pool, meta, options, tally) -> str:
     """Every key in this process, in order, through the streaming writer; returns the sha256."""
     with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta,
                            options.overwrite) as writer:
         for n, kp in enumerate(plan.keys):
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
             tally(kp, n + 1)
-            if test_delay:
-                time.sleep(test_delay)
+            if options.throttle:
+                time.sleep(options.throttle)
         return writer.commit()
 
 
@@ -552,34 +624,21 @@ def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str
     return sha
 
 
-def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
-    """Run each used method's whole-plan `prepare` stage once (method name -> state). A prepare that
-    declares a `cancel` parameter gets the job's cancel event (long stages check it)."""
-    states = {}
-    for name in dict.fromkeys(k.method for k in plan.keys if k.action == "merge"):
-        method = get_method(name)
-        if method.prepare is not None:
-            report(f"preparing {name}")
-            extra = {"cancel": cancel} if "cancel" in inspect.signature(method.prepare).parameters else {}
-            with one_torch_thread():    # the same arithmetic whichever executor runs the keys
-                states[name] = method.prepare(plan, readers, log, report, **extra)
-    return states
-
-
-def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
-    """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone."""
+def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
+    """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone.
+    `bound`: the run's stage results and the key's steps bound to them (stage_run.Bindings)."""
     try:
-        _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+        _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
     finally:
         for source in {*kp.pool, kp.base, kp.source} - {None}:
             if kp.key in plan.sources[source].keys:
                 readers[source].release(plan.sources[source].keys[kp.key])
 
 
-def _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
+def _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
     while True:
         try:
-            for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool):
+            for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
                 writer.write(kp.key, chunk)
             return
         except NonFiniteInput as bad:
@@ -602,10 +661,10 @@ def _without(kp: KeyPlan, source: int) -> KeyPlan:
     return dataclasses.replace(kp, pool=pool)
 
 
-def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states=None, pool=None):
-    for start, stop, chunk in _raw_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states or {},
-                                          pool):
-        for post in kp.post:
+def _produce(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
+    posts = bound.post(kp) if kp.post else ()
+    for start, stop, chunk in _raw_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
+        for post in posts:
             chunk = post(chunk, start, stop)
         written = _to_output(plan, kp, chunk, log)   # fp8: range policy, rounded once
         if written.is_floating_point() and kp.action in ("merge", "copy"):   # the values as written: after the cast
@@ -694,14 +753,16 @@ def _nonfinite_input(plan, kp: KeyPlan, readers, start, stop):
 
 def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
     """A copied key in row chunks that fit the chunk budget (stored, output and, with post-processing,
-    compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget."""
+    compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget;
+    in one chunk when a step needs the whole tensor (Fermat's permutations move rows)."""
     reader, stored = readers[kp.source], plan.sources[kp.source].keys[kp.key]
     info = reader.info(stored)
     rows = kp.shape[0] if kp.shape else 1
     row_elems = math.prod(kp.shape[1:]) if len(kp.shape) > 1 else 1
     same_rows = bool(kp.shape) and bool(info.shape) and info.shape[0] == rows and info.numel == math.prod(kp.shape)
     per_row = max(1, row_elems * (info.dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)))
-    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows else rows
+    whole = any(s.whole for s in kp.post)
+    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows and not whole else rows
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         t = (reader.read_rows(stored, start, stop) if same_rows and step < rows else reader.read(stored))
@@ -713,7 +774,7 @@ def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
         yield start, stop, t
 
 
-def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
+def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
     """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
     rows = kp.shape[0] if kp.shape else 1
     if kp.action == "position_ids":
@@ -723,8 +784,8 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
         yield from _copy_chunks(plan, kp, readers, dtype, device, chunk_bytes)
         return
     method = get_method(kp.method)
-    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, states.get(kp.method), pool,
-                           check_inputs=not method.propagates_nonfinite)
+    inputs = FileKeyInputs(plan, kp, readers, dtype, device, chunk_bytes, log, bound.state(kp.method), pool,
+                           check_inputs=not method.propagates_nonfinite, bound=bound)
     files = [plan.sources[i].name for i in kp.pool]
     start = 0
     try:

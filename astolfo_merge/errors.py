@@ -73,3 +73,14 @@ def check_memory_gb(value, option="memory budget (GB)") -> float:
     if not math.isfinite(gb) or gb <= 0:
         raise OptionError(option, f"must be a finite number of GB above 0 (e.g. 1.5), got {value}")
     return gb
+
+
+def check_throttle(value, option="throttle (seconds per key)") -> float:
+    """A pause per key in seconds as a float: finite, 0 (none) up to a minute."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(option, f"{str(value)[:40]!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or not 0 <= seconds <= 60:
+        raise OptionError(option, f"must be a number of seconds from 0 to 60, got {value}")
+    return seconds

@@ -6,8 +6,9 @@ under its memory map) must not take the host (the WebUI, the standalone app) wit
 
 How: the parent fixes the output header up front (a positioned `SafetensorsWriter`: header written,
 file sized), starts N workers as fresh interpreters (`python -m astolfo_merge.worker_main`, never a
-fork of the host and never a re-import of the host's `__main__`), sends each the pickled plan, the
-methods' prepared state and the output's byte ranges, then hands out tasks as workers free up.
+fork of the host and never a re-import of the host's `__main__`), sends each the pickled plan (plain
+data), the results of its whole-plan stages and the output's byte ranges, then hands out tasks as
+workers free up.
 Workers write their tensors with positioned writes and report each key; the parent hashes the
 finished prefix of the file meanwhile, and commits (fsync, atomic rename) when all keys are in.
 Any failure or a cancel kills every worker and removes the temp file.

@@ -18,7 +18,7 @@ refused when the plan is built; module names that match no key are reported by n
 
 Modules: lora_names (module name -> LDM key), lora_math (factors, delta rows, the per-key adders),
 lora_synth (synthetic files), lora_cli (`bake`). For the tab: `list_loras(folder)`, `describe(header)`,
-`validate_loras(doc["loras"])`, `with_lora_strength(recipe, value, index)` (XYZ axis).
+`validate_loras(doc["loras"])`; the XYZ axis `trials.with_lora_strength(recipe, value, index)`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from .checkpoint import CheckpointReader, check_file, read_header
 from .errors import ArchitectureError, CheckpointError, RecipeError
 from .lora_math import TITLES, LoraBake, Module, group_modules
 from .lora_names import Target, canonical_module_name, module_table
+from .stages import LoraUse, Step
 
 LORA_FIELDS = ("file", "strength", "blocks", "when", "models")
 WHEN = ("after", "before")
@@ -91,20 +92,6 @@ def _number(value, where) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RecipeError(where, f"must be a finite number, got {value!r}")
     return float(value)
-
-
-def with_lora_strength(recipe, strength: float, index: int = 0):
-    """The recipe with `loras[index].strength` set (the "[Merger] LoRA strength" XYZ axis; like
-    trials.with_alpha: a Recipe in, a validated Recipe out, output name dropped)."""
-    from .recipe import parse_recipe
-    doc = recipe.to_dict()
-    doc.pop("output", None)
-    loras = [dict(entry) for entry in doc.get("loras") or []]
-    if not 0 <= index < len(loras):
-        raise RecipeError("loras", f"has no entry {index} (the recipe lists {len(loras)} LoRA file(s))")
-    loras[index]["strength"] = float(strength)
-    validate_loras(loras)
-    return parse_recipe({**doc, "loras": loras})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +384,15 @@ def check_lora_arch(lora: LoraFile, arch: str, scale: int, where: str) -> Fit:
     return fit
 
 
-def attach_loras(plan, models_dir=None):
-    """Validate the recipe's `loras`, check each file against the plan's architecture and hang the
-    per-key adders on the plan's keys (`post` for "after", `pre` of the pool members for "before")."""
+def attach_loras(plan, models_dir=None) -> list:
+    """Validate the recipe's `loras`, check each file against the plan's architecture and add the
+    per-key steps to the plan's keys (`post` for "after", `pre` of the pool members for "before");
+    returns the files as data (stages.LoraUse), which the plan's "bake" stage declares."""
     specs = validate_loras(plan.recipe.extra.get("loras"))
     by_key = {kp.key: kp for kp in plan.keys}
     names = [s.name for s in plan.sources]
     blocks_ok = set(archmod.block_names(plan.arch))
+    uses = []
     for i, spec in enumerate(specs):
         where = f"loras[{i}]"
         bad = sorted(set(spec["blocks"]) - blocks_ok)
@@ -424,8 +413,15 @@ def attach_loras(plan, models_dir=None):
             multiplier = spec["strength"] * spec["blocks"].get(archmod.block_of(key, plan.arch), 1.0)
             if multiplier == 0.0:
                 continue
-            changed += _hang(kp, bake.adder(key, tuple(kp.shape), multiplier), spec["when"], members, plan)
+            changed += _hang(kp, Step("lora", i, multiplier), spec["when"], members, plan)
+        uses.append(LoraUse(where, lora.path, spec["when"], dict(fit.targets)))
         _log(plan, lora, fit, spec, where, changed, absent)
+    return uses
+
+
+def lora_bake(use: LoraUse) -> LoraBake:
+    """The delta adder of a planned LoRA file, in the process that runs the keys."""
+    return LoraBake(LoraFile(read_header(use.path)), use.targets)
 
 
 def _members(spec, plan, names, where):
@@ -438,19 +434,19 @@ def _members(spec, plan, names, where):
     return set(members) if members else None
 
 
-def _hang(kp, add, when, members, plan) -> int:
+def _hang(kp, step, when, members, plan) -> int:
     if when == "after":
-        kp.post.append(add)
+        kp.post.append(step)
         return 1
     if kp.action == "copy":
         if members is None or plan.sources[kp.source].name in members:
-            kp.post.append(add)
+            kp.post.append(step)
             return 1
         return 0
     hung = 0
     for source in dict.fromkeys(kp.pool):     # pool reads only: the base (kp.base) is never changed
         if members is None or plan.sources[source].name in members:
-            kp.pre.setdefault(source, []).append(add)
+            kp.pre.setdefault(source, []).append(step)
             hung = 1
     return hung
 

@@ -27,6 +27,7 @@ import stat
 import tempfile
 
 from .errors import AstolfoError, RecipeError
+from .lora import lora_search_dirs
 
 RECIPE_MAX_BYTES = 4 * 1024 * 1024
 _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -105,7 +106,6 @@ class Folders:
 
     def lora(self, name: str, where: str) -> str:
         """The LoRA file `name` names, as lora.find_lora will open it (its first search folder holding it)."""
-        from .lora import lora_search_dirs
         candidates = [name] if os.path.isabs(name) else [os.path.join(d, name) for d in lora_search_dirs(self.models_dir)]
         for path in candidates:
             if os.path.isfile(path):   # find_lora opens the first one: it must be inside

@@ -3,9 +3,15 @@
 Everything that can be wrong with the inputs is found here, before any tensor is read: missing
 files, mixed architectures or prediction types, mis-shaped keys. The plan lists every output key
 with its source(s), so its header (and the output size) is known up front.
+
+A plan is plain data (`Plan.to_data()`): per key its dtype, shape, byte range, sources, method,
+resolved params, block weight and seed, and the pipeline of stages the merge runs (stages.py) —
+no closures or open files, so it pickles to worker processes, and the same recipe and models
+folder rebuild the same plan.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -13,10 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from . import arch as archmod
-from .checkpoint import OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
+from .checkpoint import NAME_OF, OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
+from .lora import attach_loras, find_lora
 from .methods import get_method
+from .rebasin.fermat import fermat_stages
 from .recipe import ComponentRule, Recipe, check_block_names
+from .stages import LORAS, Stage, prepare_result
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
@@ -55,13 +64,52 @@ class KeyPlan:
     source: int | None = None    # for copy
     reshape_from: tuple | None = None
     note: str = ""
-    # Post-processing applied to every produced chunk, in order: post(chunk, start_row, stop_row) -> chunk,
-    # in the compute dtype before the cast to `dtype` (e.g. LoRA bake-in adds its delta here).
+    # Steps (stages.Step, data) applied to every produced chunk, in order, in the compute dtype
+    # before the cast to `dtype` (e.g. a LoRA bake-in adds its delta here, Fermat writes c).
     post: list = field(default_factory=list)
-    # Pre-processing of the inputs: source index -> [pre(rows, start_row, stop_row) -> rows], applied to what
-    # the method reads of that source as a pool member (compute dtype; never to base reads), e.g. a LoRA
-    # baked into it before the merge.
+    # Steps applied to the inputs: source index -> [Step], applied to what the method reads of that
+    # source as a pool member (compute dtype; never to base reads), e.g. a LoRA baked into it first.
     pre: dict = field(default_factory=dict)
+    seed: int | None = None               # key_seed(recipe seed, key): the seeded methods' RNG for this key
+    block_weight: float | None = None     # the MBW block value that set params[method.block_param], if any
+    span: tuple | None = None             # (begin, end) byte offsets in the output's data section
+
+    def to_data(self) -> dict:
+        """The key as JSON-able data (see Plan.to_data)."""
+        out = {"key": self.key, "shape": list(self.shape), "dtype": NAME_OF[self.dtype], "action": self.action,
+               "component": self.component, "span": list(self.span) if self.span else None, "seed": self.seed}
+        for name in ("block", "method", "base", "source", "note", "block_weight"):
+            value = getattr(self, name)
+            if value not in (None, ""):
+                out[name] = value
+        if self.params:
+            out["params"] = dict(self.params)
+        if self.pool:
+            out["pool"] = list(self.pool)
+        if self.reshape_from:
+            out["reshape_from"] = list(self.reshape_from)
+        if self.post:
+            out["post"] = [step.to_data() for step in self.post]
+        if self.pre:
+            out["pre"] = {str(src): [step.to_data() for step in steps] for src, steps in self.pre.items()}
+        return out
+
+
+def key_seed(seed: int, key: str) -> int:
+    """Per-key seed: independent of key order and of what runs the key."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def assign_spans(keys) -> int:
+    """Give each key its byte range in the data section, in key order (as the writer lays them out);
+    returns the data size."""
+    at = 0
+    for kp in keys:
+        size = math.prod(kp.shape) * kp.dtype.itemsize
+        kp.span = (at, at + size)
+        at += size
+    return at
 
 
 @dataclass
@@ -76,6 +124,19 @@ class Plan:
     log: list = field(default_factory=list)
     component_summary: dict = field(default_factory=dict)
     inputs: list = field(default_factory=list)    # (recipe field, path) of every file read, LoRAs included
+    stages: list = field(default_factory=list)    # the pipeline (stages.Stage), in order
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.recipe.precision == "fp64" else torch.float32
+
+    def to_data(self) -> dict:
+        """The whole plan as JSON-able data: what a merge will do, key by key and stage by stage."""
+        keys = [kp.to_data() for kp in self.keys]
+        return {"recipe": self.recipe.to_dict(), "arch": self.arch, "scale": self.scale, "prediction": self.prediction,
+                "output": self.output, "sources": [{"name": s.name, "path": s.path} for s in self.sources],
+                "keys": keys, "stages": [st.to_data(lambda ks: [kp.to_data() for kp in ks]) for st in self.stages],
+                "log": list(self.log)}
 
     @property
     def output_bytes(self) -> int:
@@ -152,12 +213,31 @@ def build_plan(recipe: Recipe, models_dir: str | None = None, output: str | None
     rules = _component_rules(recipe)
     _log_quantized(plan)
     _plan_keys(plan, rules, index)
-    if recipe.extra.get("loras"):
-        from .lora import attach_loras
-        attach_loras(plan, models_dir)
+    loras = attach_loras(plan, models_dir) if recipe.extra.get("loras") else []
+    for kp in plan.keys:
+        kp.seed = key_seed(recipe.seed, kp.key)
+    assign_spans(plan.keys)
+    plan.stages = _stages(plan, loras)
     plan.inputs = _input_files(plan, models_dir)
     refuse_input_as_output(plan, plan.output)
     return plan
+
+
+def _stages(plan: Plan, loras: list) -> list:
+    """The pipeline: the LoRA files to bake (a prepare may read baked inputs), each used method's
+    whole-plan prepare, then the key stages (the output's keys; with "fermat", the a -> b -> c
+    stages instead)."""
+    stages = [Stage("bake", LORAS, result=LORAS, loras=loras)] if loras else []
+    stages += [Stage("prepare", prepare_result(name), result=prepare_result(name), method=name)
+               for name in dict.fromkeys(kp.method for kp in plan.keys if kp.action == "merge")
+               if get_method(name).prepare is not None]
+    if plan.recipe.extra.get("fermat"):
+        keyed = fermat_stages(plan, plan.compute_dtype)
+        for stage in keyed:       # a stage's keys have their own layout (the temp a: compute dtype)
+            if stage.keys is not None:
+                assign_spans(stage.keys)
+        return stages + keyed
+    return stages + [Stage("keys", "output")]
 
 
 def _input_files(plan: Plan, models_dir=None) -> list:
@@ -165,7 +245,6 @@ def _input_files(plan: Plan, models_dir=None) -> list:
     files = [(_field_of(plan.recipe, s.name), s.path) for s in plan.sources]
     loras = plan.recipe.extra.get("loras") or []
     if loras:
-        from .lora import find_lora
         for i, entry in enumerate(loras):
             if isinstance(entry, dict) and isinstance(entry.get("file"), str):
                 try:
@@ -370,11 +449,11 @@ def _plan_one(plan, key, spec, comp, rule, index, notes) -> KeyPlan:
             f"only {len(pool)} of {len(rule.pool)} inputs have them"
         notes.add(comp, key, f"{why}; copied from {sources[first].name}")
         return KeyPlan(key, spec.shape, out_dtype, "copy", comp, source=first, reshape_from=_reshape(sources[first], key, spec))
-    params = dict(rule.params)
+    params, block_weight = dict(rule.params), None
     if rule.blocks and method.block_param and block in rule.blocks:
-        params[method.block_param] = rule.blocks[block]
+        params[method.block_param] = block_weight = rule.blocks[block]
     return KeyPlan(key, spec.shape, out_dtype, "merge", comp, block=block, method=rule.method, params=params,
-                   pool=pool, base=base if method.needs_base else None)
+                   pool=pool, base=base if method.needs_base else None, block_weight=block_weight)
 
 
 def _note_contributors(notes, comp, key, n, stand_in, without, base_name):

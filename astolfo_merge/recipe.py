@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from .arch import ARCH_TITLES, COMPONENTS, block_names
 from .errors import RecipeError
+from .lora import validate_loras
 from .methods import get_method
 from .paths import read_recipe_text
+from .rebasin.fermat import fermat_options
 from .strict_json import JSONInputError, depth as strict_depth, loads as strict_loads
 
 RECIPE_VERSION = 1
@@ -253,10 +255,8 @@ def parse_recipe(doc) -> Recipe:
         raise RecipeError("note", f"must be text, got {_short(doc['note'])}")
     recipe.extra = {k: doc[k] for k in ("loras", "fermat", "note") if k in doc}
     if doc.get("fermat") not in (None, False):
-        from .rebasin.fermat import fermat_options   # validates the field now, before any work
-        fermat_options(doc["fermat"])
+        fermat_options(doc["fermat"])   # validates the field now, before any work
     if doc.get("loras"):
-        from .lora import validate_loras
         validate_loras(doc["loras"])
     return recipe
 

@@ -15,6 +15,7 @@ import threading
 
 from . import jobs
 from .errors import RecipeError
+from .lora import validate_loras
 from .methods import get_method
 from .paths import Folders, confine_recipe
 from .plan import build_plan
@@ -113,3 +114,16 @@ def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:
                                             on_done=on_done, queue=True)
         job.wait(timeout)
     return path, True
+
+
+def with_lora_strength(recipe, strength: float, index: int = 0):
+    """The recipe with `loras[index].strength` set (the "[Merger] LoRA strength" XYZ axis; like
+    with_alpha: a Recipe in, a validated Recipe out, output name dropped)."""
+    doc = recipe.to_dict()
+    doc.pop("output", None)
+    loras = [dict(entry) for entry in doc.get("loras") or []]
+    if not 0 <= index < len(loras):
+        raise RecipeError("loras", f"has no entry {index} (the recipe lists {len(loras)} LoRA file(s))")
+    loras[index]["strength"] = float(strength)
+    validate_loras(loras)
+    return parse_recipe({**doc, "loras": loras})

@@ -1,7 +1,8 @@
 """A merge worker process: `python -m astolfo_merge.worker_main`, driven over stdin / stdout.
 
-Started fresh by `executors.WorkerProcess` (never forked from the host). Receives the plan, the
-methods' prepared state and the output's byte ranges once ("setup"), then tasks (runs of key
+Started fresh by `executors.WorkerProcess` (never forked from the host). Receives the plan (data),
+the results of its whole-plan stages (data: prepared method state, the LoRA files to bake, the
+Fermat temp file and matching) and the output's byte ranges once ("setup"), then tasks (runs of key
 indices); for each key it reports "started" and "key" (with the key's log lines), for each task
 "task". Any failure is sent back as data ("error") before the process exits.
 """
@@ -16,6 +17,7 @@ import torch
 
 from .checkpoint import CheckpointReader, RangeWriter
 from .engine import _write_key
+from .stage_run import Bindings
 from .executors import pack_error, read_frame, send_frame
 
 
@@ -24,9 +26,9 @@ def serve(inbox, outbox):
     if setup is None:
         return
     setup = setup[1]
-    plan, states = setup["plan"], setup["states"]
+    plan, bound = setup["plan"], Bindings(setup["plan"], setup["results"])
     dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
-    delay = setup.get("test_delay", 0.0)
+    throttle = setup.get("throttle", 0.0)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     writer = RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
     try:
@@ -35,13 +37,14 @@ def serve(inbox, outbox):
             for index in range(first, stop):
                 send_frame(outbox, ("started", index))
                 log = []
-                _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, states)
+                _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
                 send_frame(outbox, ("key", index, log))
-                if delay:
-                    time.sleep(delay)
+                if throttle:
+                    time.sleep(throttle)
             send_frame(outbox, ("task", task_id))
     finally:
         writer.close()
+        bound.close()
         for r in readers:
             r.close()
 

@@ -30,7 +30,6 @@ import gradio as gr
 from modules import cache, call_queue, paths, script_callbacks, scripts, sd_models, shared
 
 # Imported now, at load time: the extension folder is on sys.path only while this file executes.
-import astolfo_merge.lora as merger_lora
 import astolfo_merge.trials as trials
 import astolfo_merge.ui as merger_ui
 from astolfo_merge.errors import RecipeError
@@ -355,7 +354,7 @@ def confirm_alpha(p, xs):
 
 
 def apply_lora_strength(p, x, xs):
-    use_recipe(p, merger_lora.with_lora_strength(trials.load_template(HOST), x), xs)
+    use_recipe(p, trials.with_lora_strength(trials.load_template(HOST), x), xs)
 
 
 def confirm_lora_strength(p, xs):
@@ -364,7 +363,7 @@ def confirm_lora_strength(p, xs):
         raise RecipeError("loras", f"the XYZ template bakes no LoRA: pick one in the {TAB_TITLE} tab's LoRA rows, "
                                    "then press 'Use as XYZ template' again")
     for x in xs:
-        trials.check(HOST, merger_lora.with_lora_strength(template, x))
+        trials.check(HOST, trials.with_lora_strength(template, x))
 
 
 def apply_recipe(p, x, xs):

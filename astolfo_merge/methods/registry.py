@@ -101,7 +101,8 @@ class Method:
     fixed: dict = field(default_factory=dict)   # preset values (not shown in forms)
     resident: Callable[[int], int] = lambda n: n + 2  # tensors of one chunk held at once
     # Optional whole-plan stage run once before the key loop (e.g. Re-Basin's weight matching):
-    # prepare(plan, readers, log, progress) -> state; each key's inputs then expose it as `inputs.state`.
+    # prepare(plan, readers, log, progress[, cancel][, bindings]) -> state, a stage of the plan's pipeline;
+    # the state must be plain data (it is sent to worker processes); each key's inputs expose it as `inputs.state`.
     prepare: Callable | None = None
     # Optional workspace(shape, n, params) -> bytes a key holds OUTSIDE its row chunks (whole-tensor
     # statistics: a full tensor for a top-k threshold, a ranking, an SVD), for plan.peak_bytes.

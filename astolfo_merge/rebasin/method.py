@@ -37,8 +37,9 @@ class RebasinState:
         return self.spec.index(key, self.perms) if key in self.keys else None
 
 
-def prepare(plan, readers, log, progress, cancel=None, *, method: str) -> RebasinState | None:
-    """Weight matching over the UNet keys `method` merges (engine hook: once, before the key loop)."""
+def prepare(plan, readers, log, progress, cancel=None, bindings=None, *, method: str) -> RebasinState | None:
+    """Weight matching over the UNet keys `method` merges (the plan's prepare stage: once, before any
+    key; `bindings` applies the keys' steps, e.g. a LoRA baked into a pool member first)."""
     spec = build_spec(plan.arch, plan.scale)
     mine = [kp for kp in plan.keys if kp.action == "merge" and kp.method == method and kp.key in spec.axes]
     if not mine:
@@ -54,9 +55,10 @@ def prepare(plan, readers, log, progress, cancel=None, *, method: str) -> Rebasi
         def read(key):
             kp = by_key[key]
             t = readers[pool[n]].read(sources[n].keys[key]).reshape(kp.shape)   # stored dtype: matching upcasts in chunks
-            if kp.pre.get(n):                       # e.g. a LoRA baked into this pool member
+            steps = bindings.pre(kp, pool[n]) if bindings is not None and kp.pre.get(pool[n]) else ()
+            if steps:                               # e.g. a LoRA baked into this pool member
                 t = t.to(dtype)
-                for pre in kp.pre[n]:
+                for pre in steps:
                     t = pre(t, 0, t.shape[0])
             return t
         return read
