@@ -17,7 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls 
 
 from .checkpoint import is_checkpoint_name  # noqa: E402
 from . import app_server  # noqa: E402
-from .cli import DEFAULT_MODELS_DIR, memory_gb_arg, register_command  # noqa: E402
+from .cli import DEFAULT_MODELS_DIR, THROTTLE_HELP, memory_gb_arg, register_command, throttle_arg  # noqa: E402
 from .host import HostSettings, StandaloneHost, scan_checkpoints  # noqa: E402
 from .paths import app_files_dir  # noqa: E402
 
@@ -69,7 +69,8 @@ def cmd_app(args):
     warning = app_server.exposure_warning(args.host, args.port, folder)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    host = StandaloneHost(folder, HostSettings(threads=args.threads, memory_gb=args.memory_gb, device=args.device))
+    host = StandaloneHost(folder, HostSettings(threads=args.threads, memory_gb=args.memory_gb, device=args.device,
+                                               throttle=args.throttle))
     files = app_files_dir()
     previous = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = files   # gradio's copies of downloads and uploads: the app's own folder
@@ -104,4 +105,5 @@ def add_app_command(sub):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
+    p.add_argument("--throttle", type=throttle_arg, default=0.0, metavar="SECONDS", help=THROTTLE_HELP)
     p.set_defaults(func=cmd_app)

@@ -12,7 +12,7 @@ import sys
 import threading
 
 from . import __version__
-from .errors import AstolfoError, OptionError, check_memory_gb
+from .errors import AstolfoError, OptionError, check_memory_gb, check_throttle
 
 DEFAULT_MODELS_DIR = os.environ.get("ASTOLFO_MODELS_DIR", os.path.join(os.getcwd(), "models"))
 
@@ -66,7 +66,8 @@ def cmd_merge(args):
         recipe.output = default_output_name(recipe)
     plan = build_plan(recipe, args.models_dir, args.output)
     options = RunOptions(device=args.device, threads=args.threads, memory_gb=args.memory_gb,
-                         overwrite=args.overwrite, hash_inputs=not args.no_hash, workers=args.workers)
+                         overwrite=args.overwrite, hash_inputs=not args.no_hash, workers=args.workers,
+                         throttle=args.throttle)
     print(f"merging {len(recipe.pool)} model(s) with {recipe.method} ({plan.arch}, {len(plan.keys)} keys) -> {plan.output}",
           file=sys.stderr)
     for line in plan.log:
@@ -134,6 +135,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+THROTTLE_HELP = "pause after each key, in every worker (default 0): leaves a shared disk and CPU to others"
+
+
+def throttle_arg(text: str) -> float:
+    """argparse `type` of every --throttle: seconds from 0 to 60."""
+    try:
+        return check_throttle(text, "--throttle")
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
 def memory_gb_arg(text: str) -> float:
     """argparse `type` of every --memory-gb: a finite number of GB above 0."""
     try:
@@ -157,6 +169,8 @@ def build_parser():
     m.add_argument("--workers", type=_workers, default=0, metavar="N",
                    help="1 = in this process; N > 1 = N worker processes; 0 = auto (cores and --memory-gb allow)")
     m.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
+    m.add_argument("--throttle", type=throttle_arg, default=0.0, metavar="SECONDS",
+                   help=THROTTLE_HELP)
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--no-hash", action="store_true", help="do not hash inputs for the metadata")
     m.add_argument("--quiet", "-q", action="store_true")

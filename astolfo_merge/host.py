@@ -25,6 +25,7 @@ class HostSettings:
     memory_gb: float = 1.5
     device: str = "cpu"
     precision: str = "fp64"
+    throttle: float = 0.0       # seconds to pause after each key (RunOptions.throttle)
 
 
 class Host:
@@ -163,7 +164,8 @@ class Host:
 
     def run_options(self, overwrite=False, **overrides) -> RunOptions:
         s = self.settings()
-        values = {"device": s.device, "threads": s.threads, "memory_gb": s.memory_gb, "overwrite": overwrite}
+        values = {"device": s.device, "threads": s.threads, "memory_gb": s.memory_gb, "overwrite": overwrite,
+                  "throttle": s.throttle}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunOptions(**values)
 

@@ -1,8 +1,8 @@
 """The standalone AstolfoMerge tab driven in real Chromium: merge, compare with the CLI, cancel.
 
 Starts `python -m astolfo_merge app` in a subprocess on a free 127.0.0.1 port over a temp folder
-of tiny demo-style checkpoints. The app runs with the test-only per-key delay
-(engine.py's ASTOLFO_TEST_SLOW_KEYS) so progress and cancel are observable on models this small.
+of tiny demo-style checkpoints. The app runs with a pause per key (its `--throttle`, RunOptions.throttle)
+so progress and cancel are observable on models this small.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from astolfo_merge.checkpoint import read_header
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress, wait_http, stop
 ARTIFACTS = ROOT / "test-artifacts"
-SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds)
+THROTTLE = "0.004"   # the app's --throttle: seconds per key
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
 
 pytestmark = [
@@ -37,10 +37,10 @@ def app(request, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "ASTOLFO_MERGE_CACHE_DIR": str(home / "cache"),
-           SLOW_KEYS: "0.004", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "astolfo_merge", "app", "--models-dir", str(models),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--port", str(port), "--throttle", THROTTLE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -117,7 +117,7 @@ def test_merge_in_the_browser_matches_the_cli_and_cancel_leaves_no_file(app, pag
     for f in recipe["pool"] + ([recipe["base"]] if recipe.get("base") else []):
         os.symlink(models / f, cli_dir / f)
     cli = subprocess.Popen([sys.executable, "-m", "astolfo_merge", "merge", str(saved), "--models-dir", str(cli_dir), "-q"],
-                           cwd=ROOT, env={**app["env"], SLOW_KEYS: "0"}, stdout=subprocess.PIPE,
+                           cwd=ROOT, env=app["env"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
 
     # 3. Merge: the bar runs to the end, the file exists, shows up in the pool, the summary has its hash.

@@ -31,7 +31,7 @@ from astolfo_merge.tasks import cut_tasks, key_cost
 from conftest import ROOT, TEST_SCALE, load
 from test_cli import cli
 
-SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"     # the engine's test-only per-key delay, honoured by workers too
+SLOW = 0.01     # RunOptions.throttle (seconds per key, in every worker): time to act mid-merge
 POOL = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
 BASE = "sd1-base.safetensors"
 
@@ -40,11 +40,11 @@ def recipe(doc: dict, **fields):
     return parse_recipe({"output": "out.safetensors", "dtype": "fp32", **doc, **fields})
 
 
-def merge(models, doc, folder, workers, progress=None, cancel=None):
+def merge(models, doc, folder, workers, progress=None, cancel=None, throttle=0.0):
     """Run `doc` into `folder`/out.safetensors (same recipe, so the same metadata, in every folder)."""
     os.makedirs(folder, exist_ok=True)
     plan = build_plan(recipe(doc), str(models), str(folder / "out.safetensors"))
-    return run_merge(plan, RunOptions(hash_inputs=False, workers=workers), progress, cancel)
+    return run_merge(plan, RunOptions(hash_inputs=False, workers=workers, throttle=throttle), progress, cancel)
 
 
 @pytest.fixture
@@ -184,32 +184,29 @@ def _after_keys(n, action):
     return progress
 
 
-def test_a_killed_worker_fails_the_merge_with_its_cause_and_leaves_nothing(models, tmp_path, spawned, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, "0.01")
+def test_a_killed_worker_fails_the_merge_with_its_cause_and_leaves_nothing(models, tmp_path, spawned):
     kill = _after_keys(10, lambda: os.kill(spawned[0].proc.pid, signal.SIGKILL))
     with pytest.raises(executors.WorkerError, match=r"merge worker 1 of 2 killed by SIGKILL.*no output was written"):
-        merge(models, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2, progress=kill)
+        merge(models, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2, progress=kill, throttle=SLOW)
     assert leftovers(tmp_path / "out") == []
     assert all(w.proc.returncode is not None for w in spawned)
 
 
-def test_an_input_shrinking_mid_merge_names_the_file(copies, tmp_path, spawned, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, "0.01")
+def test_an_input_shrinking_mid_merge_names_the_file(copies, tmp_path, spawned):
     victim = copies / "sd1-b.safetensors"
     shrink = _after_keys(10, lambda: os.truncate(victim, os.path.getsize(victim) // 3))
     with pytest.raises(CheckpointError) as caught:
-        merge(copies, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2, progress=shrink)
+        merge(copies, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2, progress=shrink, throttle=SLOW)
     assert str(victim) in str(caught.value)
     assert leftovers(tmp_path / "out") == [] and not os.path.exists(partial_path(tmp_path / "out" / "out.safetensors"))
     assert all(w.proc.returncode is not None for w in spawned)
 
 
-def test_a_cancel_stops_every_worker_and_leaves_nothing(models, tmp_path, spawned, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, "0.01")
+def test_a_cancel_stops_every_worker_and_leaves_nothing(models, tmp_path, spawned):
     cancel = threading.Event()
     with pytest.raises(Cancelled):
         merge(models, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2,
-              progress=_after_keys(10, cancel.set), cancel=cancel)
+              progress=_after_keys(10, cancel.set), cancel=cancel, throttle=SLOW)
     assert leftovers(tmp_path / "out") == []
     assert len(spawned) == 2 and all(w.proc.returncode is not None for w in spawned)
 
@@ -224,7 +221,7 @@ from astolfo_merge.recipe import parse_recipe
 folder, victim = sys.argv[1], sys.argv[2]
 torch.set_num_threads(3)
 recipe = parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "n_average", "output": "o.safetensors"})
-job = jobs.manager("test").submit(build_plan(recipe, folder), RunOptions(hash_inputs=False))
+job = jobs.manager("test").submit(build_plan(recipe, folder), RunOptions(hash_inputs=False, throttle=0.01))
 while job.snapshot().keys_done < 10 and not job.done_event.is_set():
     job.done_event.wait(0.01)
 os.truncate(victim, os.path.getsize(victim) // 3)
@@ -239,7 +236,7 @@ print("left:", sorted(f for f in os.listdir(folder) if not f.startswith("sd1-"))
 def test_a_job_whose_input_shrinks_fails_clearly_and_the_host_lives_on(copies):
     """The host runs in its own process here, so that a broken isolation fails this test, not pytest."""
     victim = copies / "sd1-b.safetensors"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **{SLOW_KEYS: "0.01"})
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, "-c", JOB_SCRIPT, str(copies), str(victim)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -265,6 +262,13 @@ def test_cli_refuses_a_bad_workers_value_in_one_line(models, tmp_path, value):
     (tmp_path / "r.json").write_text(json.dumps({"pool": POOL[:2], "method": "n_average"}))
     rc, _, err = cli("merge", tmp_path / "r.json", "--models-dir", models, "--workers", value, cwd=tmp_path)
     assert rc == 2 and "--workers: must be 0 (auto) or a positive integer" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "61"])
+def test_cli_refuses_a_bad_throttle_in_one_line(models, tmp_path, value):
+    (tmp_path / "r.json").write_text(json.dumps({"pool": POOL[:2], "method": "n_average"}))
+    rc, _, err = cli("merge", tmp_path / "r.json", "--models-dir", models, "--throttle", value, cwd=tmp_path)
+    assert rc == 2 and "--throttle: must be a number of seconds from 0 to 60" in err and "Traceback" not in err
 
 
 def test_a_full_disk_fails_before_any_work_naming_the_folder(models, tmp_path, monkeypatch, spawned):

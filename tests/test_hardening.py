@@ -194,8 +194,8 @@ def test_disk_full_is_reported_and_leaves_nothing(models, tmp_path):
 
 def test_kill_9_while_writing_leaves_no_output_and_the_next_run_reclaims_the_temp_file(models, tmp_path):
     before = {f: sha(models / f) for f in listing(models)}
-    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
-                env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
+    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q", "--throttle", "0.002"],
+                tmp_path / "work")
     tmp = partial_path(models / "o.safetensors", proc.pid)
     deadline = time.time() + 60
     while not (os.path.exists(tmp) and os.path.getsize(tmp) > 100_000) and time.time() < deadline:

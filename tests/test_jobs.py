@@ -12,8 +12,7 @@ from astolfo_merge.errors import Cancelled
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
 
-SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds), read at start
-SLOW = "0.01"                           # a 1131-key merge then takes ~11 s unless cancelled
+SLOW = 0.01     # RunOptions.throttle, seconds per key: a 1131-key merge then takes ~11 s unless cancelled
 
 
 def plan_for(models, output="out.safetensors", pool=("sd1-a.safetensors", "sd1-b.safetensors")):
@@ -21,8 +20,8 @@ def plan_for(models, output="out.safetensors", pool=("sd1-a.safetensors", "sd1-b
     return build_plan(recipe, str(models), str(models / output))
 
 
-def options():
-    return RunOptions(hash_inputs=False)
+def options(throttle=0.0):
+    return RunOptions(hash_inputs=False, throttle=throttle)
 
 
 def wait_for(predicate, timeout=10.0):
@@ -44,9 +43,8 @@ def manager(request):
         job.done_event.wait(10)
 
 
-def test_a_second_merge_is_refused_while_one_runs(models, manager, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, SLOW)
-    first = manager.submit(plan_for(models, "first.safetensors"), options())
+def test_a_second_merge_is_refused_while_one_runs(models, manager):
+    first = manager.submit(plan_for(models, "first.safetensors"), options(SLOW))
     wait_for(lambda: first.snapshot().keys_done > 0)
     with pytest.raises(jobs.JobBusyError, match="already running .*first.safetensors"):
         manager.submit(plan_for(models, "second.safetensors"), options())
@@ -54,11 +52,9 @@ def test_a_second_merge_is_refused_while_one_runs(models, manager, monkeypatch):
     assert manager.busy()
 
 
-def test_a_queued_merge_runs_after_the_running_one(models, manager, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, SLOW)
-    first = manager.submit(plan_for(models, "first.safetensors"), options())
+def test_a_queued_merge_runs_after_the_running_one(models, manager):
+    first = manager.submit(plan_for(models, "first.safetensors"), options(SLOW))
     wait_for(lambda: first.snapshot().keys_done > 0)
-    monkeypatch.setenv(SLOW_KEYS, "0")
     second = manager.submit(plan_for(models, "second.safetensors"), options(), queue=True)
     assert second.snapshot().status == jobs.QUEUED and manager.current() is first
     manager.cancel(first.id)
@@ -68,9 +64,8 @@ def test_a_queued_merge_runs_after_the_running_one(models, manager, monkeypatch)
     assert not manager.busy()
 
 
-def test_cancel_leaves_no_file(models, manager, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, SLOW)
-    job = manager.submit(plan_for(models), options())
+def test_cancel_leaves_no_file(models, manager):
+    job = manager.submit(plan_for(models), options(SLOW))
     wait_for(lambda: job.snapshot().keys_done >= 3)
     assert manager.cancel()
     with pytest.raises(Cancelled):
@@ -99,9 +94,8 @@ def test_progress_snapshots_count_keys_to_the_end(models, manager):
     assert snap.log[0].startswith("queued:") and snap.log[-1].startswith("done in")
 
 
-def test_snapshot_versions_grow_while_a_job_runs(models, manager, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, "0.001")
-    job = manager.submit(plan_for(models), options())
+def test_snapshot_versions_grow_while_a_job_runs(models, manager):
+    job = manager.submit(plan_for(models), options(0.001))
     versions, fractions = [], []
     while not job.done_event.is_set():
         snap = job.snapshot()
@@ -112,12 +106,11 @@ def test_snapshot_versions_grow_while_a_job_runs(models, manager, monkeypatch):
     assert fractions == sorted(fractions) and any(0 < f < 1 for f in fractions)
 
 
-def test_a_reloaded_page_reattaches_to_the_running_job(models, monkeypatch, request):
+def test_a_reloaded_page_reattaches_to_the_running_job(models, request):
     """The manager lives in the package: a second lookup (a reloaded page, a re-executed
     WebUI script) gets the same manager and sees the running job and its progress."""
-    monkeypatch.setenv(SLOW_KEYS, SLOW)
     key = f"test:{request.node.name}"
-    job = jobs.manager(key).submit(plan_for(models), options())
+    job = jobs.manager(key).submit(plan_for(models), options(SLOW))
     try:
         wait_for(lambda: job.snapshot().keys_done > 0)
         again = jobs.manager(key)
@@ -152,9 +145,8 @@ def test_a_failing_host_refresh_does_not_fail_the_merge(models, manager):
     assert any("could not register it: checkpoint list locked" in line for line in job.snapshot().log)
 
 
-def test_exit_cancels_running_merges_so_no_temp_file_stays(models, manager, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, SLOW)
-    job = manager.submit(plan_for(models), options())
+def test_exit_cancels_running_merges_so_no_temp_file_stays(models, manager):
+    job = manager.submit(plan_for(models), options(SLOW))
     wait_for(lambda: job.snapshot().keys_done > 0)
     jobs._cancel_on_exit(timeout=10)
     assert job.status == jobs.CANCELLED

@@ -13,11 +13,14 @@ from astolfo_merge.cli import main
 from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import ArchitectureError, CheckpointError, RecipeError
 from astolfo_merge.inspection import format_report, inspect_file
-from astolfo_merge.lora import describe, list_loras, validate_loras, with_lora_strength
+from astolfo_merge.lora import describe, list_loras, validate_loras
 from astolfo_merge.lora_synth import default_modules, write_synthetic_lora
 from astolfo_merge.lora_names import target_of
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
+from astolfo_merge.stage_run import Bindings
+from astolfo_merge.stages import LORAS, Step
+from astolfo_merge.trials import with_lora_strength
 from conftest import TEST_SCALE, load
 
 OPTS = dict(hash_inputs=False)
@@ -38,14 +41,21 @@ def hooked(models, model, loras):
     recipe = parse_recipe({"pool": [model], "method": "n_average", "loras": loras})
     plan = build_plan(recipe, str(models), str(models / "unused.safetensors"))
     sd = load(models / model)
-    out = {}
+    out, steps = {}, bound(plan)
     for kp in plan.keys:
         if kp.post:
             t = sd[kp.key].double()
-            for post in kp.post:
+            for post in steps.post(kp):
                 t = post(t, 0, kp.shape[0])
             out[kp.key] = t
     return out, sd
+
+
+def bound(plan) -> Bindings:
+    """The plan's steps bound to code as a process running its keys binds them (the bake stage's
+    result: its LoRA files, as data)."""
+    bake = next(stage for stage in plan.stages if stage.kind == "bake")
+    return Bindings(plan, {LORAS: bake.loras})
 
 
 def assert_exact(out, expected):
@@ -272,12 +282,14 @@ def test_delta_rows_of_any_row_range_equal_the_whole_delta(models, tmp_path):
     path = lora_file(tmp_path, "x.safetensors", "sdxl", "lokr", rank=2, modules=cross_section("sdxl") + EXTRA_SDXL)
     recipe = parse_recipe({"pool": ["sdxl-a.safetensors"], "method": "n_average", "loras": [{"file": str(path), "strength": 0.4}]})
     plan = build_plan(recipe, str(models), str(tmp_path / "unused.safetensors"))
-    hooked = [kp for kp in plan.keys if kp.post]
+    hooked, steps = [kp for kp in plan.keys if kp.post], bound(plan)
     assert any(kp.key.endswith("in_proj_weight") for kp in hooked) and any(kp.key.endswith("text_projection") for kp in hooked)
+    assert all(kp.post == [Step("lora", 0, 0.4)] for kp in hooked)     # data: the file's index and the multiplier
     for kp in hooked:
-        whole = kp.post[0](torch.zeros(kp.shape, dtype=torch.float64), 0, kp.shape[0])
+        add = steps.post(kp)[0]
+        whole = add(torch.zeros(kp.shape, dtype=torch.float64), 0, kp.shape[0])
         rows, cuts = kp.shape[0], sorted({0, 1, kp.shape[0] // 3, kp.shape[0] // 2 + 1, kp.shape[0]})
-        parts = [kp.post[0](torch.zeros((b - a,) + kp.shape[1:], dtype=torch.float64), a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+        parts = [add(torch.zeros((b - a,) + kp.shape[1:], dtype=torch.float64), a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
         assert torch.equal(torch.cat(parts), whole) and rows == whole.shape[0], kp.key
         assert whole.abs().sum() > 0
 

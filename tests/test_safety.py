@@ -87,8 +87,8 @@ def test_a_stale_temp_file_is_reclaimed_by_a_writer_of_another_name_a_live_one_n
 
 
 def test_kill_9_then_a_merge_of_another_name_reclaims_the_temp_file(models, tmp_path):
-    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
-                env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
+    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q", "--throttle", "0.002"],
+                tmp_path / "work")
     tmp = partial_path(models / "o.safetensors", proc.pid)
     _wait_for(lambda: os.path.exists(tmp) and os.path.getsize(tmp) > 100_000)
     proc.send_signal(signal.SIGKILL)
@@ -102,8 +102,8 @@ def test_kill_9_then_a_merge_of_another_name_reclaims_the_temp_file(models, tmp_
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_or_sigint_stops_the_cli_removes_the_temp_file_and_says_so(models, tmp_path, sig):
     before = {f: sha(models / f) for f in listing(models)}
-    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q"], tmp_path / "work",
-                env_extra={"ASTOLFO_TEST_SLOW_KEYS": "0.002"})
+    proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q", "--throttle", "0.002"],
+                tmp_path / "work")
     tmp = partial_path(models / "o.safetensors", proc.pid)
     _wait_for(lambda: os.path.exists(tmp) and os.path.getsize(tmp) > 100_000)
     proc.send_signal(sig)

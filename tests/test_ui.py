@@ -132,7 +132,7 @@ def test_merge_refuses_to_overwrite_an_existing_file(tab, models):
 
 
 def test_a_second_merge_while_one_runs_is_refused_with_a_message(tab, monkeypatch):
-    monkeypatch.setenv("ASTOLFO_TEST_SLOW_KEYS", "0.01")   # engine.py's test-only per-key delay
+    monkeypatch.setattr(tab.host.settings(), "throttle", 0.01)   # RunOptions.throttle: seconds per key
     form = Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors")
     assert tab.on_merge(*form.set(tab.output_name, "one").values)[0].startswith("Started")
     message = tab.on_merge(*form.set(tab.output_name, "two").values)[0]
