@@ -24,6 +24,7 @@ from astolfo_merge import executors
 from astolfo_merge.checkpoint import partial_path, save_file
 from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import Cancelled, CheckpointError, MemoryBudgetError, MergeKeyError
+from astolfo_merge.lora_synth import write_synthetic_lora
 from astolfo_merge.plan import build_plan
 from astolfo_merge.rebasin.spec import build_spec, permute
 from astolfo_merge.recipe import parse_recipe
@@ -113,35 +114,55 @@ MATRIX = {
         "pool": POOL, "base": BASE, "method": "n_average", "precision": "fp32",
         "components": {"te0": {"method": "weighted_sum", "pool": POOL[:2], "params": {"alpha": 0.3}},
                        "vae": {"method": "ties", "params": {"k": 0.5}}}},
-    "fp64: rebasin (prepared permutations) / n_average": {
+    "fp64: rebasin (prepared permutations) / basin_sum / n_average": {
         "pool": ["sd1-a.safetensors", "sd1-b-permuted.safetensors"], "method": "rebasin", "seed": 5, "precision": "fp64",
-        "components": {"te0": {"method": "n_average"}, "vae": {"method": "n_average"}}},
+        "components": {"te0": {"method": "basin_sum"}, "vae": {"method": "n_average"}}},
+    "fp64: della (seeded) / karcher / tsd (seeded)": {
+        "pool": POOL, "base": BASE, "method": "della", "seed": 11, "precision": "fp64",
+        "components": {"te0": {"method": "karcher"}, "vae": {"method": "tsd"}}},
+    "fp32: dgmla (seeded) / iso_c / add_difference": {
+        "pool": POOL, "base": BASE, "method": "dgmla", "seed": 3, "precision": "fp32",
+        "components": {"te0": {"method": "iso_c"}, "vae": {"method": "add_difference", "pool": POOL[:2]}}},
+    # stages: LoRA bake-in (into one pool member before, into the result after), then Fermat a -> match -> c
+    # with a kept b, every key stage on the workers
+    "fp64: fermat + LoRA bake-in (before and after) over ties": {
+        "pool": ["sd1-a.safetensors", "sd1-b-permuted.safetensors"], "base": BASE, "method": "ties", "seed": 4,
+        "fermat": {"keep_b": True},
+        "loras": [{"file": "bake.safetensors", "strength": 0.5, "when": "before", "models": ["sd1-a.safetensors"]},
+                  {"file": "bake.safetensors", "strength": 0.25, "blocks": {"IN04": 2.0}}]},
 }
 
 
-def _permuted_b(models):
-    """B under a random permutation: Re-Basin then has real permutations to find and ship."""
+def _inputs(models):
+    """B under a random permutation (Re-Basin and Fermat then have real permutations to find and
+    ship) and a LoRA file to bake."""
     spec = build_spec("sd1", TEST_SCALE)
     perms = spec.random(2)
     save_file({k: permute(v, k, spec, perms) for k, v in load(models / "sd1-b.safetensors").items()},
               models / "sd1-b-permuted.safetensors")
+    write_synthetic_lora(models / "bake.safetensors", "sd1", TEST_SCALE, algo="locon", seed=5)
 
 
-def _untimed(log):
-    return [re.sub(r"; [0-9.]+ s$", "", line) for line in log]
+def _untimed(log, folder=""):
+    """The log without timings and without the run's own folder (side outputs are logged by path)."""
+    return [re.sub(r"; [0-9.]+ s$", "", line).replace(str(folder), "<out>") for line in log]
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_one_and_two_worker_processes_write_the_same_bytes(models, tmp_path, spawned, name):
-    _permuted_b(models)
+    _inputs(models)
     here = merge(models, MATRIX[name], tmp_path / "w1", workers=1)
     assert spawned == []
     there = merge(models, MATRIX[name], tmp_path / "w2", workers=2)
-    assert len(spawned) == 2 and all(w.proc.returncode is not None for w in spawned)
+    key_stages = sum(stage.kind == "keys" for stage in build_plan(recipe(MATRIX[name]), str(models)).stages)
+    assert len(spawned) == 2 * key_stages and all(w.proc.returncode is not None for w in spawned)
+    for tag in [""] + (["-b"] if MATRIX[name].get("fermat") else []):
+        ours = tmp_path / "w1" / f"out{tag}.safetensors"
+        assert (tmp_path / "w2" / f"out{tag}.safetensors").read_bytes() == ours.read_bytes(), tag
     written = hashlib.sha256((tmp_path / "w2" / "out.safetensors").read_bytes()).hexdigest()
     assert there.sha256 == here.sha256 == written
-    assert _untimed(there.log) == _untimed(here.log)
-    assert leftovers(tmp_path / "w2") == ["out.safetensors"]
+    assert _untimed(there.log, tmp_path / "w2") == _untimed(here.log, tmp_path / "w1")
+    assert leftovers(tmp_path / "w2") == sorted(os.listdir(tmp_path / "w1"))    # no temp file stays
 
 
 def test_nan_inputs_fail_or_are_skipped_alike_in_process_and_in_workers(models, tmp_path):
