@@ -426,7 +426,7 @@ def stage_output(plan: Plan, stage) -> str | None:
 
 def _check_outputs(plan: Plan, options: RunOptions):
     """Every file the pipeline writes, before any work: never an input, never replaced unless asked."""
-    for stage in plan.stages:
+    for stage in plan.pipeline():
         path = stage_output(plan, stage) if stage.kind == "keys" else None
         if path is None:
             continue
@@ -447,7 +447,7 @@ class _Pipeline:
         self.start = time.monotonic()
         self.readers, self.pool = [], None
         self.chunk_bytes = options.chunk_bytes or max(16 * 1024 ** 2, int(options.memory_gb * GIB) // 2)
-        first = next((s for s in plan.stages if s.kind == "keys"), None)
+        first = next((s for s in plan.pipeline() if s.kind == "keys"), None)
         self.crew = self._crew(self._stage_plan(first)) if first is not None else None   # started early: see Crew
 
     def run(self) -> MergeResult:
@@ -456,7 +456,7 @@ class _Pipeline:
         self.readers = [CheckpointReader(s.path, s.header) for s in self.plan.sources]
         self.pool = ChunkWorkers(self.options.threads or auto_workers(self.device.type))
         result = None
-        for stage in self.plan.stages:
+        for stage in self.plan.pipeline():
             if stage.kind != "keys":
                 with one_torch_thread():    # the same arithmetic whichever executor runs the keys
                     found = run_whole_stage(stage, self.plan, self.readers, self.bound, self.log,

@@ -126,6 +126,10 @@ class Plan:
     inputs: list = field(default_factory=list)    # (recipe field, path) of every file read, LoRAs included
     stages: list = field(default_factory=list)    # the pipeline (stages.Stage), in order
 
+    def pipeline(self) -> list:
+        """The stages to run: the declared ones, or (a plan put together by hand) its keys into its output."""
+        return self.stages or [Stage("keys", "output")]
+
     @property
     def compute_dtype(self) -> torch.dtype:
         return torch.float64 if self.recipe.precision == "fp64" else torch.float32
