@@ -32,66 +32,11 @@ from .checkpoint import CheckpointReader, check_file, read_header
 from .errors import ArchitectureError, CheckpointError, RecipeError
 from .lora_math import TITLES, LoraBake, Module, group_modules
 from .lora_names import Target, canonical_module_name, module_table
-from .stages import LoraUse, Step
+from .paths import lora_search_dirs
+from .stages import LoraUse, Step, validate_loras
 
-LORA_FIELDS = ("file", "strength", "blocks", "when", "models")
-WHEN = ("after", "before")
-STRENGTH_LIMIT = 20.0
 ARCHES = ("sd1", "sd2", "sdxl")
-LORA_DIR_NAMES = ("Lora", "LyCORIS")   # WebUI folders next to models/Stable-diffusion
 TRUE = ("true", "1", "yes")
-
-
-# ---------------------------------------------------------------------------------------------
-# Recipe validation
-
-def validate_loras(value) -> list:
-    """The recipe's `loras` list with defaults filled in; RecipeError names `loras[i].field`."""
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise RecipeError("loras", "must be a list of objects like {\"file\": \"x.safetensors\", \"strength\": 0.8}")
-    known_blocks = set(archmod.block_names("sd1")) | set(archmod.block_names("sdxl"))
-    out = []
-    for i, entry in enumerate(value):
-        where = f"loras[{i}]"
-        if not isinstance(entry, dict):
-            raise RecipeError(where, "must be an object with at least a 'file'")
-        unknown = sorted(set(entry) - set(LORA_FIELDS))
-        if unknown:
-            raise RecipeError(f"{where}.{unknown[0]}", f"unknown field (known: {', '.join(LORA_FIELDS)})")
-        name = entry.get("file")
-        if not isinstance(name, str) or not name.strip():
-            raise RecipeError(f"{where}.file", "is required: the LoRA / LyCORIS file name")
-        strength = _number(entry.get("strength", 1.0), f"{where}.strength")
-        if abs(strength) > STRENGTH_LIMIT:
-            raise RecipeError(f"{where}.strength", f"{strength} is outside [-{STRENGTH_LIMIT}, {STRENGTH_LIMIT}]")
-        blocks = entry.get("blocks") or {}
-        if not isinstance(blocks, dict):
-            raise RecipeError(f"{where}.blocks", "must be an object of block name -> number")
-        blocks = {str(k).upper(): _number(v, f"{where}.blocks.{k}") for k, v in blocks.items()}
-        for block in blocks:
-            if block not in known_blocks:
-                raise RecipeError(f"{where}.blocks.{block}", "unknown block (SD1: BASE, IN00-IN11, M00, OUT00-OUT11; "
-                                                             "SDXL: BASE, IN00-IN08, M00, OUT00-OUT08, VAE)")
-        when = entry.get("when", "after")
-        if when not in WHEN:
-            raise RecipeError(f"{where}.when", f"must be 'after' (bake into the merged result) or 'before' "
-                                               f"(bake into each pool member); got {when!r}")
-        models = entry.get("models")
-        if models is not None:
-            if when != "before":
-                raise RecipeError(f"{where}.models", "only applies with \"when\": \"before\"")
-            if not isinstance(models, list) or not models or not all(isinstance(m, str) and m.strip() for m in models):
-                raise RecipeError(f"{where}.models", "must be a non-empty list of pool file names")
-        out.append({"file": name, "strength": strength, "blocks": blocks, "when": when, "models": models})
-    return out
-
-
-def _number(value, where) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RecipeError(where, f"must be a finite number, got {value!r}")
-    return float(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,16 +283,6 @@ def list_loras(folder, recursive: bool = True) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # Baking: per-key adders attached to the plan
-
-def lora_search_dirs(models_dir) -> list:
-    dirs = [models_dir] if models_dir else []
-    if models_dir:
-        parent = os.path.dirname(os.path.abspath(models_dir))
-        dirs += [os.path.join(parent, d) for d in LORA_DIR_NAMES]
-    if os.environ.get("ASTOLFO_LORA_DIR"):
-        dirs.append(os.environ["ASTOLFO_LORA_DIR"])
-    return dirs
-
 
 def find_lora(name, models_dir, where) -> str:
     """A LoRA file by name: absolute, in the models folder, in the WebUI's Lora / LyCORIS folders next to

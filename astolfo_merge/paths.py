@@ -27,7 +27,6 @@ import stat
 import tempfile
 
 from .errors import AstolfoError, RecipeError
-from .lora import lora_search_dirs
 
 RECIPE_MAX_BYTES = 4 * 1024 * 1024
 _FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -212,3 +211,16 @@ def app_files_dir() -> str:
         _FILES_DIR = tempfile.mkdtemp(prefix="astolfo-merge-files-")
         atexit.register(shutil.rmtree, _FILES_DIR, True)
     return _FILES_DIR
+
+
+LORA_DIR_NAMES = ("Lora", "LyCORIS")   # WebUI folders next to models/Stable-diffusion
+
+
+def lora_search_dirs(models_dir) -> list:
+    dirs = [models_dir] if models_dir else []
+    if models_dir:
+        parent = os.path.dirname(os.path.abspath(models_dir))
+        dirs += [os.path.join(parent, d) for d in LORA_DIR_NAMES]
+    if os.environ.get("ASTOLFO_LORA_DIR"):
+        dirs.append(os.environ["ASTOLFO_LORA_DIR"])
+    return dirs

@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 
 from .arch import ARCH_TITLES, COMPONENTS, block_names
 from .errors import RecipeError
-from .lora import validate_loras
 from .methods import get_method
 from .paths import read_recipe_text
-from .rebasin.fermat import fermat_options
+from .stages import fermat_options, validate_loras
 from .strict_json import JSONInputError, depth as strict_depth, loads as strict_loads
 
 RECIPE_VERSION = 1

@@ -15,11 +15,11 @@ import threading
 
 from . import jobs
 from .errors import RecipeError
-from .lora import validate_loras
 from .methods import get_method
 from .paths import Folders, confine_recipe
 from .plan import build_plan
 from .recipe import Recipe, load_recipe, parse_recipe
+from .stages import validate_loras
 
 TRIALS_DIR = "_merger_trials"          # not a dot-folder: the WebUI skips those when listing
 TEMPLATE_FILE = "xyz-template.json"

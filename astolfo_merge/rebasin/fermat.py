@@ -29,40 +29,9 @@ import os
 
 from .. import arch as archmod
 from ..errors import RecipeError
-from ..stages import FERMAT_A, FERMAT_MATCH, TEMP, Stage, Step
+from ..stages import FERMAT_A, FERMAT_MATCH, TEMP, Stage, Step, fermat_options
 from .matching import weight_matching
 from .spec import apply_index, build_spec
-
-OPTION_FIELDS = {"keep_a": bool, "keep_b": bool, "sweeps": int, "start": str}
-
-
-@dataclasses.dataclass(frozen=True)
-class FermatOptions:
-    keep_a: bool = False
-    keep_b: bool = False
-    sweeps: int = 10
-    start: str = "propagate"
-
-
-def fermat_options(value) -> FermatOptions:
-    """The recipe's `fermat` field: true, or an object with keep_a / keep_b / sweeps / start."""
-    if value is True:
-        return FermatOptions()
-    if not isinstance(value, dict):
-        raise RecipeError("fermat", f"must be true or an object with {', '.join(OPTION_FIELDS)}; got {value!r}")
-    for name, given in value.items():
-        kind = OPTION_FIELDS.get(name)
-        if kind is None:
-            raise RecipeError(f"fermat.{name}", f"unknown field (known: {', '.join(OPTION_FIELDS)})")
-        if not isinstance(given, kind) or (kind is int and isinstance(given, bool)):
-            raise RecipeError(f"fermat.{name}", f"must be {kind.__name__}, got {given!r}")
-    opts = FermatOptions(**value)
-    if not 1 <= opts.sweeps <= 100:
-        raise RecipeError("fermat.sweeps", f"must be between 1 and 100, got {opts.sweeps}")
-    if opts.start not in ("propagate", "identity"):
-        raise RecipeError("fermat.start", f"must be 'propagate' or 'identity', got {opts.start!r}")
-    return opts
-
 
 def base_source(plan) -> int:
     """Index of R: the UNet component's base, else the recipe's base."""
