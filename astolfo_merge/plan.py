@@ -17,6 +17,7 @@ from .checkpoint import OUTPUT_DTYPES, Header, check_file, ensure_open_files, re
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from .methods import get_method
 from .recipe import ComponentRule, Recipe, check_block_names
+from .shapes import key_peak_bytes
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer
@@ -87,12 +88,8 @@ class Plan:
         for kp in self.keys:
             if kp.action != "merge":
                 continue
-            method = get_method(kp.method)
-            if method.workspace is not None:   # whole-tensor statistics held beside the chunks
-                need = max(need, min(budget_bytes, self._chunk_floor()) + method.workspace(kp.shape, len(kp.pool), kp.params))
-            if method.streaming in ("elementwise", "two_pass", "gram"):
-                continue
-            need = max(need, method.resident(len(kp.pool)) * math.prod(kp.shape) * 8)
+            need = max(need, key_peak_bytes(get_method(kp.method).shape, kp.shape, len(kp.pool), kp.params,
+                                             min(budget_bytes, self._chunk_floor())))
         return OVERHEAD_BYTES + max(min(budget_bytes, self._chunk_floor()), need)
 
     def _chunk_floor(self) -> int:

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from .median import accumulate_gram
+from ..shapes import gram_matrix, spans as row_spans, two_pass
 from .registry import Method, Param, register
 
 ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")
 GUARD = 1e-12
 
 
-def _resident(n):
-    """Chunk-sized tensors alive at once: the deltas, their unit vectors, the pair products, base and total."""
-    return 3 * n + 3
+# Chunk-sized tensors alive at once: the deltas, their unit vectors, the pair products, base and total.
+# Two passes where the angle is one per key (the N×N Gram of the deltas first); one where it is per row.
+SHAPE = two_pass(lambda n: 3 * n + 3)
 
 
 def stock_factor(cos: torch.Tensor, n: int, log) -> torch.Tensor:
@@ -126,9 +126,7 @@ def _whole_tensor(inputs, eps, estimator, spans):
                            for i in range(n - 1)]).mean(dim=0)
         yield base.add_((stock_factor(cos, n, inputs.log).unsqueeze(-1) * (sum(deltas) / n)).reshape(base.shape))
         return
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for a, b in spans:
-        accumulate_gram(gram, inputs.read_stack(a, b, minus_base=True), centre=False)
+    gram = gram_matrix((inputs.read_stack(a, b, minus_base=True) for a, b in spans), centre=False)
     norms = gram.diagonal().sqrt()
     if estimator == "consecutive-last-axis":
         idx = torch.arange(n - 1)
@@ -145,7 +143,7 @@ def _whole_tensor(inputs, eps, estimator, spans):
 
 def _model_stock(inputs, params):
     eps, estimator = params["cos_eps"], params["estimator"]
-    spans = inputs.chunks(resident=_resident(inputs.n))
+    spans = row_spans(inputs, SHAPE)
     if len(inputs.shape) >= 2 and estimator == "consecutive-last-axis":
         yield from _consecutive_rows(inputs, eps, spans)
     elif len(inputs.shape) >= 2 and estimator == "all-pairs-rowwise":
@@ -167,4 +165,4 @@ register(Method(
         Param("cos_eps", "float", 1e-6, 0.0, 1.0,
               help="floor of the norms in the cosine (sd-mecha CosineSimilarity eps; mergekit floors the norm product)"),
     ),
-    needs_base=True, min_models=2, streaming="two_pass", resident=lambda n: _resident(n)))
+    shape=SHAPE, needs_base=True, min_models=2))
