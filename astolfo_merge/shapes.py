@@ -33,6 +33,12 @@ WHOLE_COPIES_FIT = 4          # a dense factorisation (an SVD) holds about 4 cop
 
 Count = Callable[[int], int]  # N models -> a number of tensors
 
+# Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
+# but each op also costs ~5-10 us of dispatch, so chunks must not get too small either.
+CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measured fastest per element
+CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
+MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -85,11 +91,29 @@ def iterative(resident, *, direct=None, workspace=None) -> Shape:
 
 # --- chunking and residency -----------------------------------------------------------------------
 
+def row_spans(tensor_shape, itemsize: int, resident: int, budget: int | None, *, in_flight: int = 1,
+              cache: bool = True, max_rows: int | None = None) -> list:
+    """Row ranges [(start, stop)] of a key such that `resident` chunk-sized tensors of `itemsize`
+    bytes per element fit `budget` bytes (None: unbounded) for each of `in_flight` spans worked on at
+    once; with `cache`, also small enough to stay in cache; a row is never split. The one chunking
+    rule: the engine's and the in-memory inputs (KeyInputs.chunks) both ask it."""
+    rows = tensor_shape[0] if tensor_shape else 1
+    row_elems = max(1, math.prod(tensor_shape[1:])) if tensor_shape else 1
+    step = rows if max_rows is None else max_rows
+    if budget is not None:
+        step = min(step, budget // max(1, in_flight * resident * row_elems * itemsize))
+    if cache:
+        per_tensor = min(CACHE_FRIENDLY_ELEMENTS, max(MIN_CHUNK_ELEMENTS, CHUNK_CACHE_BYTES // (resident * itemsize)))
+        step = min(step, max(1, per_tensor // row_elems))
+    step = max(1, min(rows, step))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+
+
 def spans(inputs, shape: Shape, stage: str = "main") -> list:
     """Row ranges of one key for a pass of this shape: `stage` is "main", "statistic" (one model at a
-    time), "direct" (the whole key, when it fits) or "copy" (one model streamed through)."""
+    time) or "direct" (the whole key, when it fits)."""
     resident = {"main": shape.resident, "statistic": shape.statistic or (lambda n: STATISTIC_RESIDENT),
-                "direct": shape.direct or shape.resident, "copy": lambda n: COPY_RESIDENT}[stage]
+                "direct": shape.direct or shape.resident}[stage]
     return inputs.chunks(resident=resident(inputs.n))
 
 
@@ -101,7 +125,7 @@ def stream(inputs, shape: Shape, rows: Callable[[int, int], torch.Tensor]) -> It
 
 def stream_model(inputs, i: int = 0) -> Iterator[torch.Tensor]:
     """Pool model i, unchanged, in row chunks."""
-    return inputs.imap(lambda a, b: inputs.read_rows(i, a, b), spans(inputs, elementwise(COPY_RESIDENT), "copy"))
+    return inputs.imap(lambda a, b: inputs.read_rows(i, a, b), inputs.chunks(resident=COPY_RESIDENT))
 
 
 # --- workspace ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 from astolfo_merge.errors import RecipeError
 from astolfo_merge.methods import TensorInputs, apply, get_method
 from astolfo_merge.recipe import parse_recipe
+from astolfo_merge.shapes import spans
 from conftest import close, load, run_cli
 
 FAST = settings(max_examples=15, deadline=None)
@@ -81,12 +82,12 @@ def test_the_gram_form_over_row_chunks_equals_the_direct_form(shape, seed, alpha
 
 def test_the_budget_chooses_the_gram_form_and_bounds_the_chunks():
     a, b = pair((64, 16))
-    out, log = run(a, b, 0.5, budget_bytes=8 * 16 * 10)      # ten rows of fp64: the whole key does not fit
+    row_bytes, budget = 16 * 8, 16 * 8 * 10              # ten rows of fp64: the whole key does not fit
+    out, log = run(a, b, 0.5, budget_bytes=budget)
     assert "gram form over" in log[-1] and close(out, run(a, b, 0.5)[0], rtol=1e-10, atol=1e-12)
-    inputs = TensorInputs([a, b], budget_bytes=8 * 16 * 10)
-    from astolfo_merge.shapes import spans
-    assert all((stop - start) * 16 * 8 * get_method("slerp").shape.resident(2) <= 8 * 16 * 10 or stop - start == 1
-               for start, stop in spans(inputs, get_method("slerp").shape))
+    shape = get_method("slerp").shape
+    chunks = spans(TensorInputs([a, b], budget_bytes=budget), shape)
+    assert len(chunks) > 1 and all((stop - start) * row_bytes * shape.resident(2) <= budget for start, stop in chunks)
 
 
 def test_the_declaration_drives_recipe_validation():

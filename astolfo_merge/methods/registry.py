@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import RecipeError
-from ..shapes import Shape, elementwise
+from ..shapes import Shape, elementwise, row_spans
 
 DEFAULT_SHAPE = elementwise(lambda n: n + 2)   # N inputs, the base and the output: one chunk each
 
@@ -287,11 +287,10 @@ class TensorInputs(KeyInputs):
         return tuple(t.dtype for t in self.tensors)
 
     def chunks(self, resident):
-        step = self.chunk_rows or self.rows
-        if self.budget_bytes is not None:   # like the engine: `resident` chunks fit the budget
-            row_bytes = max(1, math.prod(self.shape[1:])) * self.dtype.itemsize
-            step = max(1, min(step, self.budget_bytes // max(1, resident * row_bytes)))
-        return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)] or [(0, 0)]
+        """Like the engine's (`resident` chunks fit the budget), without its cache bound: whole keys
+        unless `chunk_rows` or `budget_bytes` says otherwise."""
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=False,
+                         max_rows=self.chunk_rows)
 
     def log(self, message):
         self.messages.append(message)
