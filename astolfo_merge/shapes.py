@@ -169,14 +169,20 @@ def relative_cost(shape: Shape) -> float:
 class GramMath:
     """The math of a Gram-shaped or iterative method for one key, in both forms; `combine` picks one.
 
-    direct(points)     -> (output, note): on the N whole tensors (a list), the method's own operations;
-    coefficients(gram) -> (c, note): on the fp64 N×N Gram matrix; the output is Σ c_i x_i;
+    label              names the form in the key's log (None: not logged);
+    direct(points)     -> (output, note): on the N whole tensors (a list), the method's own operations
+                       (None: the Gram form always);
+    coefficients(gram) -> (c, note): on the fp64 N×N Gram matrix of the points;
+    rows(c, stack, a, b) the output rows [a, b) from c and the points' rows (None: Σ c_i x_i);
     centre             the Gram matrix of the points centred on their per-element mean (translation-
-                       invariant math such as distances: centring avoids ‖x_i‖² cancelling)."""
-    label: str
-    direct: Callable[[list], tuple]
+                       invariant math such as distances: centring avoids ‖x_i‖² cancelling);
+    deltas             the points are the pool models' deltas to the base (else the models)."""
+    label: str | None
+    direct: Callable[[list], tuple] | None
     coefficients: Callable[[torch.Tensor], tuple]
+    rows: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None
     centre: bool = False
+    deltas: bool = False
 
 
 def accumulate_gram(gram: torch.Tensor, stack: torch.Tensor, centre: bool) -> None:
@@ -211,22 +217,26 @@ def combine(stacks: Callable[[], Iterable[torch.Tensor]], chunk_spans: list, mat
     `stacks()` starts a fresh pass and yields one [n, *chunk] stack per span, in order (a pass may
     re-read and re-derive its points; it must produce the same values every time). The direct form
     (one pass) when `direct`, by default when there is one span; else the Gram form (two passes)."""
-    if len(chunk_spans) == 1 if direct is None else direct:
+    if math_.direct is not None and (len(chunk_spans) == 1 if direct is None else direct):
         (stack,) = list(stacks())
         out, note = math_.direct(list(stack.unbind(0)))
-        log(f"{math_.label}: direct form, {note}")
+        if math_.label:
+            log(f"{math_.label}: direct form, {note}")
         yield out
         return
     coeffs, note = math_.coefficients(gram_matrix(stacks(), math_.centre))
-    log(f"{math_.label}: gram form over {len(chunk_spans)} chunks, {note}")
-    for stack in stacks():
-        yield combine_rows(coeffs, stack)
+    if math_.label:
+        log(f"{math_.label}: gram form over {len(chunk_spans)} chunks, {note}")
+    for (a, b), stack in zip(chunk_spans, stacks()):
+        yield combine_rows(coeffs, stack) if math_.rows is None else math_.rows(coeffs, stack, a, b)
 
 
 def gram_key(inputs, shape: Shape, math_: GramMath) -> Iterator[torch.Tensor]:
-    """A Gram-shaped method over the key's pool tensors: the direct form when the whole key fits one
-    chunk of the shape's `direct` residency, else the Gram form over the chunks of its main residency."""
+    """A Gram-shaped method over the key's pool tensors (or their deltas): the direct form when the
+    whole key fits one chunk of the shape's `direct` residency, else the Gram form over the chunks of
+    its main residency."""
     whole = spans(inputs, shape, "direct")
-    direct = len(whole) == 1
+    direct = len(whole) == 1 and math_.direct is not None
     chunk_spans = whole if direct else spans(inputs, shape)
-    return combine(lambda: (inputs.read_stack(a, b) for a, b in chunk_spans), chunk_spans, math_, inputs.log, direct)
+    return combine(lambda: (inputs.read_stack(a, b, minus_base=math_.deltas) for a, b in chunk_spans), chunk_spans,
+                   math_, inputs.log, direct)
