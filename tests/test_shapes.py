@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from astolfo_merge.methods import TensorInputs
-from astolfo_merge.shapes import (GramMath, Shape, elementwise, gram, gram_key, iterative, key_peak_bytes, row_spans,
-                                  two_pass)
+from astolfo_merge.shapes import (GramMath, Shape, combine_rows, elementwise, gram, gram_key, iterative, key_peak_bytes,
+                                  row_spans, two_pass)
 from conftest import close
 
 
@@ -48,6 +48,24 @@ def test_the_direct_form_needs_its_own_residency_to_fit():
     inputs = TensorInputs(models, budget_bytes=10 * row_bytes * 5)   # 5 whole-key tensors fit, 7 do not
     list(gram_key(inputs, iterative(5, direct=7), weighted_mean([0.5, 0.5])))
     assert inputs.messages == ["mean: gram form over 1 chunks, gram (2, 2)"]
+
+
+def test_math_without_a_direct_form_takes_the_gram_form_on_the_deltas_with_its_own_rows():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    models = [base + torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    inputs = TensorInputs(models, base)
+    seen = []
+
+    def coefficients(gram):
+        seen.append(gram)
+        return torch.full((3,), 1 / 3, dtype=torch.float64), "mean delta"
+    math_ = GramMath("delta mean", None, coefficients, rows=lambda c, deltas, a, b: base[a:b] + combine_rows(c, deltas),
+                     deltas=True)
+    out = torch.cat(list(gram_key(inputs, gram(4), math_)))
+    deltas = torch.stack([m - base for m in models]).reshape(3, -1)
+    assert close(seen[0], deltas @ deltas.T) and close(out, sum(models) / 3)
+    assert inputs.messages == ["delta mean: gram form over 1 chunks, mean delta"]
 
 
 def test_the_plan_counts_workspace_beside_the_chunks_and_whole_tensors_alone():
