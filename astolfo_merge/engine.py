@@ -33,7 +33,7 @@ from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, refuse_input_as_output
-from .shapes import row_spans
+from .methods.shapes import row_spans
 from .strict_json import loads as strict_loads
 from .workers import ChunkWorkers, auto_workers
 

@@ -17,7 +17,7 @@ from .checkpoint import OUTPUT_DTYPES, Header, check_file, ensure_open_files, re
 from .errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from .methods import get_method
 from .recipe import ComponentRule, Recipe, check_block_names
-from .shapes import key_peak_bytes
+from .methods.shapes import key_peak_bytes
 
 GIB = 1024 ** 3
 OVERHEAD_BYTES = 256 * 1024 ** 2     # interpreter, torch, buffers of the writer

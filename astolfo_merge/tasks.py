@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from .methods import get_method
-from .shapes import relative_cost
+from .methods.shapes import relative_cost
 
 TASKS_PER_WORKER = 4
 

@@ -92,7 +92,7 @@ class HalfInputs(KeyInputs):
 
     def chunks(self, resident):
         """engine.FileKeyInputs.chunks with one chunk in flight."""
-        from astolfo_merge.shapes import row_spans
+        from astolfo_merge.methods.shapes import row_spans
         return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes)
 
     def log(self, message):

@@ -205,7 +205,7 @@ def test_chunks_respect_the_chunk_budget_whatever_the_pool_size(models):
 
 def test_budget_too_small_for_a_whole_tensor_method_is_reported_before_starting(models):
     from astolfo_merge.methods import Method, register, METHODS
-    from astolfo_merge.shapes import two_pass
+    from astolfo_merge.methods.shapes import two_pass
 
     def run(inputs, params):
         yield sum(inputs.read(i) for i in range(inputs.n)) / inputs.n

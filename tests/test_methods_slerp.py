@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from astolfo_merge.errors import RecipeError
 from astolfo_merge.methods import TensorInputs, apply, get_method
 from astolfo_merge.recipe import parse_recipe
-from astolfo_merge.shapes import spans
+from astolfo_merge.methods.shapes import spans
 from conftest import close, load, run_cli
 
 FAST = settings(max_examples=15, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from astolfo_merge.methods import TensorInputs
-from astolfo_merge.shapes import (GramMath, Shape, combine_rows, elementwise, gram, gram_key, iterative, key_peak_bytes,
+from astolfo_merge.methods.shapes import (GramMath, Shape, combine_rows, elementwise, gram, gram_key, iterative, key_peak_bytes,
                                   row_spans, two_pass)
 from conftest import close
 

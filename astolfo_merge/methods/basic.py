@@ -7,7 +7,7 @@ as N grows (memory stays flat). All linear: a NaN/Inf in an input reaches the ou
 from __future__ import annotations
 
 from ..errors import RecipeError
-from ..shapes import elementwise, stream
+from .shapes import elementwise, stream
 from .registry import Method, Param, register
 
 TWO_INPUTS = elementwise(3, linear=True)           # two models (or one and the base) and the output

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..shapes import ELEMENTWISE, ITERATIVE, TWO_PASS, combine, spans as row_spans, spill_limit, two_pass, \
+from .shapes import ELEMENTWISE, ITERATIVE, TWO_PASS, combine, spans as row_spans, spill_limit, two_pass, \
     whole_copies_fit
 from .isotropic import isotropic_rows, transforms
 from .median import GM_PARAMS, median_math

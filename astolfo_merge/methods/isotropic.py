@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ..shapes import spans, stream, two_pass, whole_copies_fit
+from .shapes import spans, stream, two_pass, whole_copies_fit
 from .registry import Method, Param, register
 
 RANK_FLOOR = 1e-10     # Gram form only where the smallest σ is above this fraction of the largest

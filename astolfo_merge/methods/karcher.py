@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..errors import RecipeError
-from ..shapes import GramMath, gram_key, iterative, stream_model
+from .shapes import GramMath, gram_key, iterative, stream_model
 from .registry import Method, Param, register
 
 

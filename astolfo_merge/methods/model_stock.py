@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..shapes import GramMath, gram_key, spans as row_spans, two_pass
+from .shapes import GramMath, gram_key, spans as row_spans, two_pass
 from .registry import Method, Param, register
 
 ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")

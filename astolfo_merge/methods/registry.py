@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import RecipeError
-from ..shapes import Shape, elementwise, row_spans
+from .shapes import Shape, elementwise, row_spans
 
 DEFAULT_SHAPE = elementwise(lambda n: n + 2)   # N inputs, the base and the output: one chunk each
 

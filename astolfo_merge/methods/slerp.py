@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..shapes import GramMath, gram, gram_key
+from .shapes import GramMath, gram, gram_key
 from .registry import Method, Param, register
 
 DOT_THRESHOLD = 0.9995

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..methods.registry import Method, Param, register
-from ..shapes import elementwise, spans
+from ..methods.shapes import elementwise, spans
 from .matching import weight_matching
 from .spec import PermutationSpec, apply_index, build_spec
 

@@ -1,4 +1,4 @@
-"""Method shapes: how a method's math meets memory, decided in one place (core).
+"""Method shapes: how a method's math meets memory, decided in one place.
 
 A method declares its shape and keeps only its math; this module alone turns the shape and the
 chunk budget into row chunks (how many chunk-sized tensors are resident at once), workspace (bytes
@@ -12,6 +12,10 @@ Kinds:
 * two_pass    — a whole-tensor statistic first (a trim threshold, a ranking, a spectrum), then an apply pass;
 * gram        — the N×N products of the models, then a closed-form combine (SLERP);
 * iterative   — the N×N products, then an iteration on them (Weiszfeld's median, the Karcher mean).
+
+Why here, beside the registry, and not in core: the methods' math runs its passes through these
+functions, and core (plan, tasks, engine) sits above methods; core reads the same declarations
+(plan.peak_bytes: key_peak_bytes; tasks.key_cost: relative_cost; the engine's inputs: row_spans).
 """
 from __future__ import annotations
 
