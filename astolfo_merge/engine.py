@@ -30,17 +30,13 @@ from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count, changed_inp
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
+from .methods.shapes import row_spans
 from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, key_seed, refuse_input_as_output
 from .stage_run import Bindings, run_whole_stage
 from .stages import OUTPUT, TEMP
 from .strict_json import loads as strict_loads
 from .workers import ChunkWorkers, auto_workers
 
-# Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
-# but each op also costs ~5-10 us of dispatch here, so chunks must not get too small either.
-CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measured fastest per element
-CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
-MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
 RELEASE_BYTES = 16 << 20            # mapped input pages are unmapped behind the reads every 16 MiB per model
 _HALF = (torch.float16, torch.bfloat16) + FP8_DTYPES   # stored types widened exactly through fp32
 
@@ -299,15 +295,9 @@ class FileKeyInputs(KeyInputs):
                             weights[used[0]]).reshape(shape)
 
     def chunks(self, resident: int):
-        rows = self.rows
-        row_elems = max(1, math.prod(self.shape[1:])) if self.shape else 1
-        itemsize = self.dtype.itemsize
+        """shapes.row_spans with this key's budget, cache bound, and room for every span in flight."""
         in_flight = self._workers.in_flight if self._workers else 1
-        by_budget = self._chunk_bytes // max(1, in_flight * resident * row_elems * itemsize)
-        per_tensor = min(CACHE_FRIENDLY_ELEMENTS, max(MIN_CHUNK_ELEMENTS, CHUNK_CACHE_BYTES // (resident * itemsize)))
-        by_cache = per_tensor // row_elems
-        step = max(1, min(rows, by_budget, max(1, by_cache)))
-        return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+        return row_spans(self.shape, self.dtype.itemsize, resident, self._chunk_bytes, in_flight=in_flight)
 
     def imap(self, fn, spans):
         if self._workers is None:

@@ -25,6 +25,7 @@ from .lora import attach_loras, find_lora
 from .methods import get_method
 from .rebasin.fermat import fermat_stages
 from .recipe import ComponentRule, Recipe, check_block_names
+from .methods.shapes import key_peak_bytes
 from .stages import LORAS, Stage, prepare_result
 
 GIB = 1024 ** 3
@@ -152,12 +153,8 @@ class Plan:
         for kp in self.keys:
             if kp.action != "merge":
                 continue
-            method = get_method(kp.method)
-            if method.workspace is not None:   # whole-tensor statistics held beside the chunks
-                need = max(need, min(budget_bytes, self._chunk_floor()) + method.workspace(kp.shape, len(kp.pool), kp.params))
-            if method.streaming in ("elementwise", "two_pass", "gram"):
-                continue
-            need = max(need, method.resident(len(kp.pool)) * math.prod(kp.shape) * 8)
+            need = max(need, key_peak_bytes(get_method(kp.method).shape, kp.shape, len(kp.pool), kp.params,
+                                             min(budget_bytes, self._chunk_floor())))
         return OVERHEAD_BYTES + max(min(budget_bytes, self._chunk_floor()), need)
 
     def _chunk_floor(self) -> int:

@@ -11,10 +11,9 @@ import math
 from dataclasses import dataclass
 
 from .methods import get_method
+from .methods.shapes import relative_cost
 
 TASKS_PER_WORKER = 4
-# Relative cost per input element by how a method streams (measured order of magnitude, bench/README.md).
-STREAMING_COST = {"elementwise": 1.0, "two_pass": 2.0, "gram": 4.0, "whole_tensor": 8.0}
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ def key_cost(kp) -> float:
     if kp.action != "merge":
         return float(elements)
     method = get_method(kp.method)
-    per_input = STREAMING_COST.get(method.streaming, 1.0) * (2.0 if method.random else 1.0)
+    per_input = relative_cost(method.shape) * (2.0 if method.random else 1.0)
     inputs = len(kp.pool) + (kp.base is not None)
     return elements * (1.0 + per_input * inputs)
 

@@ -92,14 +92,8 @@ class HalfInputs(KeyInputs):
 
     def chunks(self, resident):
         """engine.FileKeyInputs.chunks with one chunk in flight."""
-        from astolfo_merge import engine
-        rows = self.shape[0] if self.shape else 1
-        itemsize = self.dtype.itemsize
-        by_budget = self.budget_bytes // max(1, resident * self.row * itemsize)
-        per_tensor = min(engine.CACHE_FRIENDLY_ELEMENTS,
-                         max(engine.MIN_CHUNK_ELEMENTS, engine.CHUNK_CACHE_BYTES // (resident * itemsize)))
-        step = max(1, min(rows, by_budget, max(1, per_tensor // self.row)))
-        return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
+        from astolfo_merge.methods.shapes import row_spans
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes)
 
     def log(self, message):
         self.messages.append(message)

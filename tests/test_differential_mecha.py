@@ -211,3 +211,32 @@ def test_torch_rng_reproduces_sd_mecha_bit_for_bit(subset, name, params, theirs,
             if not torch.equal(ours, ref):
                 mismatched.append((key, rel_err(ours, ref)))
     assert not mismatched, mismatched[:3]
+
+
+# --- SLERP (sd-mecha linear.slerp) ---------------------------------------------------------------
+
+def _mecha_slerp(a, b, alpha):
+    from sd_mecha.extensions.builtin.merge_methods.linear import slerp
+    return slerp.__wrapped__(a.double(), b.double(), alpha=p32(alpha))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("alpha", [0.3, 0.75])
+def test_slerp_direct_form_is_sd_mecha_slerp_bit_for_bit_on_every_key(keys, arch, alpha):
+    """Whole keys (one chunk): sd-mecha's operations, its lerp fallback included. Its merge API hands
+    alpha over as float32, so ours gets that same value."""
+    alpha32 = float(p32(alpha))
+    mismatched = []
+    for key, _, (a, b, _) in keys[arch]:
+        ours, ref = apply("slerp", [a, b], params={"alpha": alpha32}), _mecha_slerp(a, b, alpha)
+        if not torch.equal(ours, ref):
+            mismatched.append((key, rel_err(ours, ref)))
+    assert not mismatched, mismatched[:3]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_slerp_gram_form_matches_sd_mecha_slerp(subset, arch):
+    """Keys in row chunks (the engine's form for every key beyond ~37k elements): within TOL."""
+    results = [(key, apply("slerp", [a, b], params={"alpha": float(p32(0.4))}, chunk_rows=1), _mecha_slerp(a, b, 0.4))
+               for key, _, (a, b, _) in subset[arch]]
+    assert_close_per_key(results)

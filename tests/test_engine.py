@@ -205,11 +205,12 @@ def test_chunks_respect_the_chunk_budget_whatever_the_pool_size(models):
 
 def test_budget_too_small_for_a_whole_tensor_method_is_reported_before_starting(models):
     from astolfo_merge.methods import Method, register, METHODS
+    from astolfo_merge.methods.shapes import two_pass
 
     def run(inputs, params):
         yield sum(inputs.read(i) for i in range(inputs.n)) / inputs.n
     if "test_whole" not in METHODS:
-        register(Method("test_whole", "t", "t", run, streaming="whole_tensor", min_models=1))
+        register(Method("test_whole", "t", "t", run, shape=two_pass(lambda n: n + 2, whole=lambda n: n + 2), min_models=1))
     recipe = parse_recipe({"pool": ["sdxl-a.safetensors", "sdxl-b.safetensors"], "method": "test_whole", "output": "b.safetensors"})
     plan = build_plan(recipe, str(models))
     with pytest.raises(MemoryBudgetError, match="raise --memory-gb"):

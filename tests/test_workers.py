@@ -81,12 +81,12 @@ SD1 = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
 @pytest.mark.parametrize("method, params", [
     ("n_average", {}), ("weighted_sum", {"alpha": 0.3}), ("add_difference", {"alpha": 0.7}), ("amplify", {}),
     ("ties", {"k": 0.5}), ("dare", {"p": 0.3}), ("della", {"p": 0.3, "eps": 0.1}), ("tgmd", {"k": 0.5}),
-    ("model_stock", {}), ("geometric_median", {}),
+    ("model_stock", {}), ("geometric_median", {}), ("slerp", {"alpha": 0.4}),
 ])
 def test_the_bytes_do_not_depend_on_the_number_of_worker_threads(models, method, params):
-    pool = SD1[:2] if method in ("weighted_sum", "add_difference") else SD1[:1] if method == "amplify" else SD1
+    pool = SD1[:2] if method in ("weighted_sum", "add_difference", "slerp") else SD1[:1] if method == "amplify" else SD1
     doc = {"pool": pool, "method": method, "params": params, "dtype": "fp16", "seed": 5}
-    if method not in ("n_average", "weighted_sum", "geometric_median"):
+    if method not in ("n_average", "weighted_sum", "geometric_median", "slerp"):
         doc["base"] = "sd1-base.safetensors"
     digests = []
     for threads in (1, 3):

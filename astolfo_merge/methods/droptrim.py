@@ -35,13 +35,16 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from .shapes import ELEMENTWISE, ITERATIVE, TWO_PASS, combine, spans as row_spans, spill_limit, two_pass, \
+    whole_copies_fit
 from .isotropic import isotropic_rows, transforms
-from .median import GM_PARAMS, median_chunks
+from .median import GM_PARAMS, median_math
 from .registry import Method, Param, register
 
 BLOCK = 1 << 20          # elements per RNG / ranking block (a multiple of 8 for the bit packing)
@@ -91,30 +94,16 @@ PARAMS = {p.name: p for p in (
 )}
 
 
-@dataclass(frozen=True)
-class Config:
-    k: float
-    sign: str
-    lam: float
-    p: float
-    rescale: bool
-    eps: float
-    combine: str
-    gm_eps: float
-    maxiter: int
-    ftol: float
-    rng: str
-    spectrum: str = "keep"
-    z: float = 1.0
-    geometric_mean: bool = False
-    high_dim: bool = True
-    clamp: bool = False
+ATTRIBUTE = {"lambda": "lam"}    # parameter names that are Python keywords
+
+
+class Config(SimpleNamespace):
+    """One key's parameters as attributes, one per PARAMS entry (`lam` for 'lambda'), and the values
+    derived from them. Built from PARAMS: a new parameter needs no edit here."""
 
     @classmethod
     def of(cls, params: dict) -> "Config":
-        return cls(params["k"], params["sign"], params["lambda"], params["p"], params["rescale"], params["eps"],
-                   params["combine"], params["gm_eps"], params["maxiter"], params["ftol"], params["rng"],
-                   params["spectrum"], params["z"], params["geometric_mean"], params["high_dim"], params["clamp"])
+        return cls(**{ATTRIBUTE.get(name, name): params[name] for name in PARAMS})
 
     @property
     def drops(self) -> bool:
@@ -251,9 +240,8 @@ def della_masks(inputs, cfg: Config, geometry) -> StoredMasks:
     """Rank each model's |τ| over the whole tensor, turn ranks into keep probabilities, draw, pack."""
     numel, row_elems = geometry
     n = inputs.n
-    budget = getattr(inputs, "budget_bytes", None)
-    store = BitStore(n, numel, None if budget is None else budget // 8)
-    spans = inputs.chunks(resident=4)
+    store = BitStore(n, numel, spill_limit(inputs))
+    spans = row_spans(inputs, FAMILY, "statistic")
     absd = np.empty(numel, dtype=np.float64 if inputs.dtype == torch.float64 else np.float32)
     ranks = np.empty(numel, dtype=np.int32 if numel < 2 ** 31 else np.int64)
     if cfg.rng == "torch":
@@ -372,7 +360,7 @@ def trim_thresholds(inputs, cfg: Config, masks, geometry) -> list:
     each chunk's |τ̂| computed in place in its slice of that tensor."""
     numel, row_elems = geometry
     j = trim_rank(cfg, numel)
-    spans = inputs.chunks(resident=4)
+    spans = row_spans(inputs, FAMILY, "statistic")
     buf = torch.empty(numel, dtype=inputs.dtype)
     in_place = inputs.device.type == "cpu"
     if masks is not None:
@@ -448,8 +436,8 @@ def merged_deltas(inputs, cfg: Config, spans, masks, thresholds):
             total = ordered_sum(stack.view(stack.shape[0], -1))
             yield a, b, torch.where(count > 0, total.div_(count), 0.0), base
         return
-    medians = median_chunks(lambda: (stack for _, stack, _ in passes()), spans, cfg.gm_eps, cfg.maxiter,
-                            cfg.ftol, inputs.log)
+    medians = combine(lambda: (stack for _, stack, _ in passes()), spans,
+                      median_math(cfg.gm_eps, cfg.maxiter, cfg.ftol), inputs.log)
     for (a, b), delta in zip(spans, medians):
         yield a, b, delta, None
 
@@ -459,7 +447,7 @@ def _run(inputs, params):
     numel = math.prod(inputs.shape) if inputs.shape else 1
     geometry = (numel, numel // max(1, inputs.rows))
     masks = make_masks(inputs, cfg, geometry)
-    spans = inputs.chunks(resident=2 * inputs.n + 6)
+    spans = row_spans(inputs, FAMILY)
     whole = len(spans) == 1            # thresholds straight from the one chunk, no extra pass
     thresholds = trim_thresholds(inputs, cfg, masks, geometry) if cfg.k < 1.0 and not whole else None
     parts = merged_deltas(inputs, cfg, spans, masks, thresholds)
@@ -467,7 +455,7 @@ def _run(inputs, params):
         matrix = torch.empty((inputs.rows, numel // inputs.rows), dtype=inputs.dtype, device=inputs.device)
         for a, b, delta, _ in parts:
             matrix[a:b] = delta.reshape(b - a, -1)
-        rows = isotropic_rows(matrix, cfg.z, cfg.geometric_mean, cfg.clamp, getattr(inputs, "budget_bytes", None),
+        rows = isotropic_rows(matrix, cfg.z, cfg.geometric_mean, cfg.clamp, whole_copies_fit(inputs, matrix),
                               inputs.log)
         parts = ((a, b, rows(a, b), None) for a, b in spans)
     for a, b, delta, base in parts:
@@ -491,7 +479,12 @@ def workspace(shape, n, params) -> int:
 
 # --- declarations -----------------------------------------------------------------------------
 
-def family_method(name, title, help, shown: dict, fixed: dict, streaming, random=None) -> Method:
+# The row chunks hold the N deltas of the chunk and their signs; the statistic passes (trim
+# thresholds, DELLA ranks) one model at a time; the workspace is the whole-tensor statistic.
+FAMILY = two_pass(lambda n: 2 * n + 6, workspace=workspace)
+
+
+def family_method(name, title, help, shown: dict, fixed: dict, kind, random=None) -> Method:
     """A preset of ties_general: `shown` maps the visible params to their default (None keeps the
     general one); `fixed` pins every other param. Together they must cover all of PARAMS."""
     if set(shown) | set(fixed) != set(PARAMS) or set(shown) & set(fixed):
@@ -500,9 +493,8 @@ def family_method(name, title, help, shown: dict, fixed: dict, streaming, random
     fixed = {p: PARAMS[p].validate(v, f"{name}.fixed") for p, v in fixed.items()}
     if random is None:
         random = "p" in shown or "eps" in shown or fixed.get("p", 0) > 0 or fixed.get("eps", 0) != 0
-    return Method(name, title, help, _run, params=params, needs_base=True, min_models=1, streaming=streaming,
-                  random=random, preset_of=None if name == GENERAL else GENERAL, fixed=fixed,
-                  resident=lambda n: 2 * n + 6, workspace=workspace)
+    return Method(name, title, help, _run, shape=replace(FAMILY, kind=kind), params=params, needs_base=True,
+                  min_models=1, random=random, preset_of=None if name == GENERAL else GENERAL, fixed=fixed)
 
 
 GM_DEFAULTS = {"gm_eps": None, "maxiter": None, "ftol": None}
@@ -514,54 +506,54 @@ register(family_method(
     GENERAL, "TIES family: drop → trim → elect → combine",
     "Every stage of the TIES / DARE / DELLA / TGMD family in one method: drop (p, eps), trim (k), sign "
     "election (sign), disjoint mean or geometric median (combine), scale (lambda, rescale).",
-    {p: None for p in PARAMS}, {}, "two_pass"))
+    {p: None for p in PARAMS}, {}, TWO_PASS))
 
 register(family_method(
     "ties", "TIES", "Paper TIES-Merging: trim each delta to its top-k magnitudes, elect a sign per element, "
     "average the agreeing deltas, scale by lambda.",
-    {"k": 0.2, "sign": "sum", "lambda": None}, {"combine": "mean", **NO_DROP, **GM_FIXED, **ISO_OFF}, "two_pass", random=False))
+    {"k": 0.2, "sign": "sum", "lambda": None}, {"combine": "mean", **NO_DROP, **GM_FIXED, **ISO_OFF}, TWO_PASS, random=False))
 
 register(family_method(
     "ties_soup", "TIES-SOUP", "The author's TIES variant (AstolfoMix-XL x72a): no trim, one-model-one-vote sign "
     "majority, mean of the agreeing deltas. Behaves like an average that drops minority-direction outliers.",
-    {"lambda": None}, {"k": 1.0, "sign": "count", "combine": "mean", **NO_DROP, **GM_FIXED, **ISO_OFF}, "elementwise", random=False))
+    {"lambda": None}, {"k": 1.0, "sign": "count", "combine": "mean", **NO_DROP, **GM_FIXED, **ISO_OFF}, ELEMENTWISE, random=False))
 
 register(family_method(
     "dare", "DARE (TIES)", "Drop each delta element with probability p, rescale by 1/(1 − p), then TIES "
     "(sd-mecha add_ties_with_dare).",
     {"p": 0.9, "rescale": True, "sign": "sum", "k": None, "lambda": None, "rng": None},
-    {"eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, "elementwise"))
+    {"eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, ELEMENTWISE))
 
 register(family_method(
     "drop", "DROP (DARE without rescale)", "DARE without the 1/(1 − p) rescale (the author's DROP): inside "
     "the disjoint mean dropping only removes members, so the mean stays unbiased.",
     {"p": 0.1, "sign": "sum", "k": None, "lambda": None, "rng": None},
-    {"rescale": False, "eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, "elementwise"))
+    {"rescale": False, "eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, ELEMENTWISE))
 
 register(family_method(
     "tsd", "TSD (TIES-SOUP with DROP)", "AstolfoMix-XL x101a: DROP (p = 0.1, no rescale) + TIES-SOUP "
     "(sign majority, mean of the agreeing deltas).",
     {"p": 0.1, "lambda": None, "rng": None},
-    {"k": 1.0, "sign": "count", "rescale": False, "eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, "elementwise"))
+    {"k": 1.0, "sign": "count", "rescale": False, "eps": 0.0, "combine": "mean", **GM_FIXED, **ISO_OFF}, ELEMENTWISE))
 
 register(family_method(
     "tgmd", "TGMD (TIES-GeometricMedian with DROP)", "AstolfoMix-XL x116a/x191a: DROP (p = 0.1), sign "
     "majority, then the geometric median of the sign-filtered deltas (no division by the agreeing count).",
     {"p": 0.1, "lambda": None, "rng": None, **GM_DEFAULTS},
-    {"k": 1.0, "sign": "count", "rescale": False, "eps": 0.0, "combine": "median", **ISO_OFF}, "gram"))
+    {"k": 1.0, "sign": "count", "rescale": False, "eps": 0.0, "combine": "median", **ISO_OFF}, ITERATIVE))
 
 register(family_method(
     "della", "DELLA (sd-mecha flavour)", "Magnitude-ranked drop (keep probability moves with the rank of |delta| "
     "over the whole tensor by ±eps/2 around 1 − p), sign election, disjoint mean.",
     {"p": 0.1, "eps": 0.1, "rescale": True, "sign": "sum", "k": None, "lambda": None, "rng": None},
-    {"combine": "mean", **GM_FIXED, **ISO_OFF}, "two_pass"))
+    {"combine": "mean", **GM_FIXED, **ISO_OFF}, TWO_PASS))
 
 register(family_method(
     "dgmla", "DGMLA (DELLA drop + geometric median)", "AstolfoMix-XL x215a/x255a and AstolfoKarMix: DELLA "
     "drop with p = 0.1, eps = −0.1 (large deltas dropped more often), no rescale, sign election ('count' as in "
     "the 2024 code, 'sum' as the 2025 code actually ran), geometric median of the filtered deltas.",
     {"p": 0.1, "eps": -0.1, "sign": "count", "lambda": None, "rng": None, **GM_DEFAULTS},
-    {"k": 1.0, "rescale": False, "combine": "median", **ISO_OFF}, "gram"))
+    {"k": 1.0, "rescale": False, "combine": "median", **ISO_OFF}, ITERATIVE))
 
 register(family_method(
     "dgmiz", "DGMIZ (DGMLA + Iso-Z)", "The author's 2025 merges (x256a, x10a, x11a, x3a, AstolfoKarMix x6a): DGMLA, "
@@ -569,4 +561,4 @@ register(family_method(
     "election defaults to 'sum', what the 2025 code ran.",
     {"p": 0.1, "eps": -0.1, "sign": "sum", "z": 0.8, "geometric_mean": None, "high_dim": None, "clamp": None,
      "lambda": None, "rng": None, **GM_DEFAULTS},
-    {"k": 1.0, "rescale": False, "combine": "median", "spectrum": "iso_z"}, "gram"))
+    {"k": 1.0, "rescale": False, "combine": "median", "spectrum": "iso_z"}, ITERATIVE))

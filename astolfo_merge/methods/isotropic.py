@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .shapes import spans, stream, two_pass, whole_copies_fit
 from .registry import Method, Param, register
 
 RANK_FLOOR = 1e-10     # Gram form only where the smallest σ is above this fraction of the largest
@@ -63,21 +64,27 @@ def _gram_form(matrix, z, geometric, clamp):
     return ("right", operator) if tall else ("left", operator)
 
 
+# Chunks: the base, one model and the total; whole: M and one transformed copy (the SVD's other
+# copies only ever use the chunk budget: shapes.whole_copies_fit picks the Gram form otherwise).
+SHAPE = two_pass(3, statistic=3, whole=2)
+
+
 def _mean_delta(inputs, alpha):
-    for a, b in inputs.chunks(resident=3):
+    def rows(a, b):
         base = inputs.read_base_rows(a, b)
         total = torch.zeros_like(base)
         for i in range(inputs.n):
             total += inputs.read_rows(i, a, b).sub_(base)
-        yield base.add_(total, alpha=alpha / inputs.n)
+        return base.add_(total, alpha=alpha / inputs.n)
+    yield from stream(inputs, SHAPE, rows)
 
 
-def isotropic_rows(matrix: torch.Tensor, z: float, geometric: bool, clamp: bool, budget, log):
+def isotropic_rows(matrix: torch.Tensor, z: float, geometric: bool, clamp: bool, fits: bool, log):
     """The transformed delta of a full 2-D `matrix`, as a function rows(a, b) -> its rows [a, b).
 
-    SVD form when ≈ 4 copies fit `budget` (bytes, None = unbounded), else the Gram form; a degenerate
-    spectrum (all-zero delta, < 2 singular values, no variance) returns `matrix` itself, logged."""
-    fits = budget is None or 4 * matrix.numel() * matrix.element_size() <= budget
+    SVD form when `fits` (≈ 4 copies of `matrix` fit the budget: shapes.whole_copies_fit), else the
+    Gram form; a degenerate spectrum (all-zero delta, < 2 singular values, no variance) returns
+    `matrix` itself, logged."""
     result = None if fits else _gram_form(matrix, z, geometric, clamp)
     delta = _svd_form(matrix, z, geometric, clamp) if fits or result == "svd" else None
     if delta is None and result in (None, "svd"):
@@ -100,18 +107,18 @@ def transforms(shape, high_dim: bool) -> bool:
 
 
 def _transformed(inputs, alpha, z, geometric, clamp):
-    spans = inputs.chunks(resident=3)
+    statistic = spans(inputs, SHAPE, "statistic")
     matrix = torch.empty((inputs.rows, math.prod(inputs.shape[1:])), dtype=inputs.dtype, device=inputs.device)
-    for a, b in spans:
+    for a, b in statistic:
         base = inputs.read_base_rows(a, b)
         part = matrix[a:b]
         part.zero_()
         for i in range(inputs.n):
             part += inputs.read_rows(i, a, b).sub_(base).reshape(b - a, -1)
-    rows = isotropic_rows(matrix, z, geometric, clamp, getattr(inputs, "budget_bytes", None), inputs.log)
-    for a, b in spans:
+    delta = isotropic_rows(matrix, z, geometric, clamp, whole_copies_fit(inputs, matrix), inputs.log)
+    for a, b in spans(inputs, SHAPE):
         base = inputs.read_base_rows(a, b)
-        yield base.add_(rows(a, b).reshape(base.shape), alpha=alpha)
+        yield base.add_(delta(a, b).reshape(base.shape), alpha=alpha)
 
 
 def _iso(variant):
@@ -136,7 +143,7 @@ register(Method(
     "iso_c", "Iso-C (isotropic merge)",
     "Official Iso-C: for 2-D keys the SVD of the summed deltas with every singular value replaced by their "
     "mean (a flat spectrum); other keys get the mean delta. base + alpha·Δ.",
-    _iso("c"), params=(ALPHA,), needs_base=True, min_models=1, streaming="whole_tensor", resident=lambda n: 2))
+    _iso("c"), shape=SHAPE, params=(ALPHA,), needs_base=True, min_models=1))
 
 register(Method(
     "iso_z", "Iso-Z (the author's isotropic variant)",
@@ -150,4 +157,4 @@ register(Method(
         Param("clamp", "bool", False, help="clamp σ' at 0 (for z > 1 small singular values go negative; the author does not clamp)"),
         ALPHA,
     ),
-    needs_base=True, min_models=1, streaming="whole_tensor", resident=lambda n: 2))
+    shape=SHAPE, needs_base=True, min_models=1))

@@ -7,7 +7,8 @@ left out of it, weights renormalised over the rest); the output is (Σ α_i n_i)
 Bounded memory: u always stays in span{x_i}, so the iteration runs on coefficients a (u = Σ a_i x_i)
 with every inner product taken from the N×N Gram matrix of the x_i (accumulated over row chunks),
 and one more chunked pass forms Σ c_i x_i. When the key's N tensors fit one chunk, the direct form
-(mergekit's loop on materialised vectors, in fp64) is used instead.
+(mergekit's loop on materialised vectors, in fp64) is used instead; shapes.py decides, from the
+declared iterative shape and the budget.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import math
 import torch
 
 from ..errors import RecipeError
-from .median import accumulate_gram, combine
+from .shapes import GramMath, gram_key, iterative, stream_model
 from .registry import Method, Param, register
 
 
@@ -107,28 +108,28 @@ def karcher_coefficients(gram: torch.Tensor, alphas, max_iter, tol):
     return sum(a * float(nrm) for a, nrm in zip(alphas, norms)) * coeffs, done
 
 
+def karcher_math(alphas, max_iter, tol) -> GramMath:
+    """Both forms of the Karcher mean; shapes.py picks one per key (raw Gram: norms and angles)."""
+    def direct(points):
+        out, iters = karcher_direct(points, alphas, max_iter, tol)
+        return out, f"{iters} iteration(s)"
+
+    def coefficients(gram):
+        coeffs, iters = karcher_coefficients(gram, alphas, max_iter, tol)
+        return coeffs, f"{iters} iteration(s)"
+    return GramMath("karcher", direct, coefficients)
+
+
+# Gram form: the N tensors of a chunk and three temporaries; the direct form also holds their unit vectors.
+SHAPE = iterative(lambda n: n + 3, direct=lambda n: 2 * n + 3)
+
+
 def _karcher(inputs, params):
-    n = inputs.n
-    alphas = _alphas(params, n)
-    max_iter, tol = params["max_iter"], params["tol"]
-    if n == 1:
-        for a, b in inputs.chunks(resident=2):
-            yield inputs.read_rows(0, a, b)
+    alphas = _alphas(params, inputs.n)
+    if inputs.n == 1:             # one model: itself (its direction times its norm, without the rounding)
+        yield from stream_model(inputs)
         return
-    if len(inputs.chunks(resident=2 * n + 3)) == 1:    # the tensors and their unit vectors fit
-        (a, b), = inputs.chunks(resident=2 * n + 3)
-        out, iters = karcher_direct(list(inputs.read_stack(a, b).unbind(0)), alphas, max_iter, tol)
-        inputs.log(f"karcher: direct form, {iters} iteration(s)")
-        yield out
-        return
-    spans = inputs.chunks(resident=n + 3)
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for a, b in spans:
-        accumulate_gram(gram, inputs.read_stack(a, b), centre=False)
-    coeffs, iters = karcher_coefficients(gram, alphas, max_iter, tol)
-    inputs.log(f"karcher: gram form over {len(spans)} chunks, {iters} iteration(s)")
-    for a, b in spans:
-        yield combine(coeffs, inputs.read_stack(a, b))
+    yield from gram_key(inputs, SHAPE, karcher_math(alphas, params["max_iter"], params["tol"]))
 
 
 register(Method(
@@ -143,4 +144,4 @@ register(Method(
         Param("weights", "floats", None, 0.0, 100.0,
               help="optional per-model weights in pool order (normalised to sum 1); default uniform"),
     ),
-    min_models=1, streaming="gram", resident=lambda n: 2 * n + 3))
+    shape=SHAPE, min_models=1))

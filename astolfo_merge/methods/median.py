@@ -5,7 +5,7 @@ Each model's tensor of a key is ONE point in R^numel; the median is a convex com
 the iteration only needs the distances ‖x_i − m‖, which follow from the N×N Gram matrix
 G = ⟨x_i, x_j⟩ (accumulated over row chunks), and the output is one more chunked pass Σ c_i x_i.
 
-Two forms, chosen per key:
+Two forms, chosen per key by shapes.py (the method declares the iterative shape):
 * direct — the N tensors of the key fit one chunk: distances are computed from the tensors
   themselves (what sd-mecha does; the golden form);
 * gram — otherwise: Gram of the points centred on their per-element mean (translation does not
@@ -13,15 +13,13 @@ Two forms, chosen per key:
   pass. Agrees with the direct form to ~1e-9 relative: the minimum is flat, so any Weiszfeld run
   (this one, sd-mecha's, another summation order) fixes the point only to ~√ulp of the objective.
 
-Karcher (karcher.py) reuses the Gram helpers; the TIES family (droptrim.py) reuses `median_chunks`
-for TGMD/DGMLA with its filtered deltas.
+The TIES family (droptrim.py) reuses `median_math` for TGMD/DGMLA with its filtered deltas.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
-
 import torch
 
+from .shapes import GramMath, gram_key, iterative
 from .registry import Method, Param, register
 
 EPS_HELP = "distance floor of the Weiszfeld weights 1/max(d, eps) (sd-mecha / geom_median default 1e-6)"
@@ -76,53 +74,23 @@ def weiszfeld_gram(gram: torch.Tensor, eps: float, maxiter: int, ftol: float):
     return coeffs, done
 
 
-def accumulate_gram(gram: torch.Tensor, stack: torch.Tensor, centre: bool) -> None:
-    """gram += Y Yᵀ for the chunk stack [n, ...]; with `centre`, Y = stack − its per-element mean
-    (modifies `stack` in place; callers pass a stack they no longer need)."""
-    flat = stack.reshape(stack.shape[0], -1)
-    if centre:
-        flat -= flat.mean(dim=0, keepdim=True)
-    gram += (flat @ flat.T).to(torch.float64)
+def median_math(eps: float, maxiter: int, ftol: float) -> GramMath:
+    """Both forms of the median; shapes.py picks one per key (centred Gram: distances only)."""
+    def direct(points):
+        median, iters = weiszfeld_direct(points, eps, maxiter, ftol)
+        return median, f"{iters} iteration(s)"
+
+    def coefficients(gram):
+        coeffs, iters = weiszfeld_gram(gram, eps, maxiter, ftol)
+        return coeffs, f"{iters} iteration(s)"
+    return GramMath("geometric median", direct, coefficients, centre=True)
 
 
-def combine(coeffs: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
-    """Σ c_i x_i over the stack [n, *chunk] -> [*chunk]."""
-    flat = stack.reshape(stack.shape[0], -1)
-    return (coeffs.to(flat.dtype) @ flat).reshape(stack.shape[1:])
-
-
-def median_chunks(stacks: Callable[[], Iterable[torch.Tensor]], spans: list, eps: float, maxiter: int,
-                  ftol: float, log: Callable[[str], None]) -> Iterator[torch.Tensor]:
-    """Geometric median of the N points, yielded in the row chunks `spans`.
-
-    `stacks()` starts a fresh pass and yields one [n, *chunk] stack per span, in order (a pass
-    may re-read and re-derive its points; it must produce the same values every time).
-    One span: direct form, one pass. Several: gram form, two passes.
-    """
-    if len(spans) == 1:
-        (stack,) = list(stacks())
-        median, iters = weiszfeld_direct(stack.unbind(0), eps, maxiter, ftol)
-        log(f"geometric median: direct form, {iters} iteration(s)")
-        yield median
-        return
-    gram = None
-    for stack in stacks():
-        if gram is None:
-            gram = torch.zeros(stack.shape[0], stack.shape[0], dtype=torch.float64)
-        accumulate_gram(gram, stack, centre=True)
-    coeffs, iters = weiszfeld_gram(gram, eps, maxiter, ftol)
-    log(f"geometric median: gram form over {len(spans)} chunks, {iters} iteration(s)")
-    for stack in stacks():
-        yield combine(coeffs, stack)
+SHAPE = iterative(lambda n: n + 3)    # the N points of a chunk, the product and two temporaries
 
 
 def _geometric_median(inputs, params):
-    spans = inputs.chunks(resident=inputs.n + 3)
-
-    def stacks():
-        for a, b in spans:
-            yield inputs.read_stack(a, b)
-    yield from median_chunks(stacks, spans, params["eps"], params["maxiter"], params["ftol"], inputs.log)
+    yield from gram_key(inputs, SHAPE, median_math(params["eps"], params["maxiter"], params["ftol"]))
 
 
 GM_PARAMS = (
@@ -135,5 +103,4 @@ register(Method(
     "geometric_median", "Geometric median (Fermat point)",
     "Weiszfeld geometric median of the raw weights: each model's key is one point; robust to a minority "
     "of outlier models (breakdown point 1/2). No base. Memory-bounded via the N×N Gram matrix.",
-    _geometric_median, params=GM_PARAMS, min_models=1, streaming="gram",
-    resident=lambda n: n + 3))
+    _geometric_median, shape=SHAPE, params=GM_PARAMS, min_models=1))

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import torch
 
-from .median import accumulate_gram
+from .shapes import GramMath, gram_key, spans as row_spans, two_pass
 from .registry import Method, Param, register
 
 ESTIMATORS = ("consecutive-last-axis", "all-pairs-flat", "all-pairs-rowwise")
 GUARD = 1e-12
 
 
-def _resident(n):
-    """Chunk-sized tensors alive at once: the deltas, their unit vectors, the pair products, base and total."""
-    return 3 * n + 3
+# Chunk-sized tensors alive at once: the deltas, their unit vectors, the pair products, base and total.
+# Two passes where the angle is one per key (the N×N Gram of the deltas first); one where it is per row.
+SHAPE = two_pass(lambda n: 3 * n + 3)
 
 
 def stock_factor(cos: torch.Tensor, n: int, log) -> torch.Tensor:
@@ -115,43 +115,41 @@ def _pair_cosines(rows, pairs, eps):
     return cos.clamp(-1, 1).mean(dim=1)
 
 
-def _whole_tensor(inputs, eps, estimator, spans):
-    """One t per key from the Gram matrix of the deltas (any rank; the only form for ≤ 1-D keys)."""
+def _whole_tensor(inputs, eps, estimator) -> GramMath:
+    """One t per key from the Gram matrix of the deltas (any rank; the only form for ≤ 1-D keys); the
+    direct form (sd-mecha's own operations) for the consecutive estimator."""
     n = inputs.n
-    if len(spans) == 1 and estimator == "consecutive-last-axis":   # sd-mecha's own operations
-        (a, b), = spans
-        base = inputs.read_base_rows(a, b)
-        deltas = [inputs.read_rows(i, a, b).sub_(base) for i in range(n)]
+
+    def direct(deltas):
+        base = inputs.read_base_rows(0, inputs.rows)
         cos = torch.stack([torch.nn.functional.cosine_similarity(deltas[i], deltas[i + 1], dim=-1, eps=eps)
                            for i in range(n - 1)]).mean(dim=0)
-        yield base.add_((stock_factor(cos, n, inputs.log).unsqueeze(-1) * (sum(deltas) / n)).reshape(base.shape))
-        return
-    gram = torch.zeros(n, n, dtype=torch.float64)
-    for a, b in spans:
-        accumulate_gram(gram, inputs.read_stack(a, b, minus_base=True), centre=False)
-    norms = gram.diagonal().sqrt()
-    if estimator == "consecutive-last-axis":
-        idx = torch.arange(n - 1)
-        cos = (gram[idx, idx + 1] / (norms[:-1].clamp(min=eps) * norms[1:].clamp(min=eps))).mean()
-    else:
-        i, j = torch.triu_indices(n, n, offset=1)
-        cos = (gram[i, j] / (norms[i] * norms[j]).clamp(min=eps)).clamp(-1, 1).mean()
-    t = float(stock_factor(cos, n, inputs.log))
-    for a, b in spans:
-        base = inputs.read_base_rows(a, b)
-        total = inputs.read_stack(a, b, minus_base=True).sum(dim=0)
-        yield base.add_(total, alpha=t / n)
+        return base.add_((stock_factor(cos, n, inputs.log).unsqueeze(-1) * (sum(deltas) / n)).reshape(base.shape)), ""
+
+    def coefficients(gram):
+        norms = gram.diagonal().sqrt()
+        if estimator == "consecutive-last-axis":
+            idx = torch.arange(n - 1)
+            cos = (gram[idx, idx + 1] / (norms[:-1].clamp(min=eps) * norms[1:].clamp(min=eps))).mean()
+        else:
+            i, j = torch.triu_indices(n, n, offset=1)
+            cos = (gram[i, j] / (norms[i] * norms[j]).clamp(min=eps)).clamp(-1, 1).mean()
+        return float(stock_factor(cos, n, inputs.log)) / n, ""
+
+    def rows(t_over_n, deltas, a, b):      # base + (t/N)·Σ δ_i, the deltas summed first
+        return inputs.read_base_rows(a, b).add_(deltas.sum(dim=0), alpha=t_over_n)
+    return GramMath(None, direct if estimator == "consecutive-last-axis" else None, coefficients, rows, deltas=True)
 
 
 def _model_stock(inputs, params):
     eps, estimator = params["cos_eps"], params["estimator"]
-    spans = inputs.chunks(resident=_resident(inputs.n))
+    spans = row_spans(inputs, SHAPE)
     if len(inputs.shape) >= 2 and estimator == "consecutive-last-axis":
         yield from _consecutive_rows(inputs, eps, spans)
     elif len(inputs.shape) >= 2 and estimator == "all-pairs-rowwise":
         yield from _rowwise_pairs(inputs, eps, spans)
     else:
-        yield from _whole_tensor(inputs, eps, estimator, spans)
+        yield from gram_key(inputs, SHAPE, _whole_tensor(inputs, eps, estimator))
 
 
 register(Method(
@@ -167,4 +165,4 @@ register(Method(
         Param("cos_eps", "float", 1e-6, 0.0, 1.0,
               help="floor of the norms in the cosine (sd-mecha CosineSimilarity eps; mergekit floors the norm product)"),
     ),
-    needs_base=True, min_models=2, streaming="two_pass", resident=lambda n: _resident(n)))
+    shape=SHAPE, needs_base=True, min_models=2))

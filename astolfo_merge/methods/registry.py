@@ -4,7 +4,8 @@ generated from them (ARCHITECTURE.md "Methods as declarations").
 A method is a pure function `run(inputs, params) -> Iterator[Tensor]` over one key: `inputs` gives
 bounded access to the N pool tensors (and the base) of that key, whole or by row ranges; the
 function yields the output in row-major chunks (or once, whole). It never opens files or knows
-about threads, devices or budgets beyond what `inputs` offers.
+about threads, devices or budgets: its declared shape (shapes.py) gives it its row chunks, its
+workspace and, for Gram-shaped math, the direct or the Gram form.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..errors import RecipeError
+from .shapes import Shape, elementwise, row_spans
+
+DEFAULT_SHAPE = elementwise(lambda n: n + 2)   # N inputs, the base and the output: one chunk each
 
 
 @dataclass(frozen=True)
@@ -86,31 +90,35 @@ def _finite(v) -> bool:
 
 @dataclass(frozen=True)
 class Method:
+    """A method's declaration: its math (`run`), its shape (how it meets memory; shapes.py decides
+    chunking, residency, workspace and direct-vs-Gram from it) and what the forms, the CLI and the
+    recipe validation need to know."""
     name: str
     title: str
     help: str
     run: Callable[["KeyInputs", dict], Iterator[torch.Tensor]]
+    shape: Shape = DEFAULT_SHAPE
     params: tuple = ()
     needs_base: bool = False
     min_models: int = 1
     max_models: int | None = None
-    streaming: str = "elementwise"   # elementwise | two_pass | whole_tensor | gram
     block_param: str | None = None   # the parameter MBW block weights override
     random: bool = False
     preset_of: str | None = None
     fixed: dict = field(default_factory=dict)   # preset values (not shown in forms)
-    resident: Callable[[int], int] = lambda n: n + 2  # tensors of one chunk held at once
     # Optional whole-plan stage run once before the key loop (e.g. Re-Basin's weight matching):
     # prepare(plan, readers, log, progress[, cancel][, bindings]) -> state, a stage of the plan's pipeline;
     # the state must be plain data (it is sent to worker processes); each key's inputs expose it as `inputs.state`.
     prepare: Callable | None = None
-    # Optional workspace(shape, n, params) -> bytes a key holds OUTSIDE its row chunks (whole-tensor
-    # statistics: a full tensor for a top-k threshold, a ranking, an SVD), for plan.peak_bytes.
-    workspace: Callable | None = None
-    # True when a NaN/Inf in any input that is read always makes the output NaN/Inf (linear methods):
-    # the engine then skips the input scan and checks only the output, finding the culprit input
-    # only when the output is not finite.
-    propagates_nonfinite: bool = False
+
+    @property
+    def propagates_nonfinite(self) -> bool:
+        """The engine's input scan is skipped for linear shapes (see Shape.linear)."""
+        return self.shape.linear
+
+    def workspace(self, shape, n, params) -> int:
+        """Bytes one key holds beside its row chunks (whole-tensor statistics), from the shape."""
+        return self.shape.workspace_bytes(shape, n, params)
 
     def param(self, name) -> Param:
         for p in self.params:
@@ -133,7 +141,7 @@ class Method:
 
     def to_dict(self):
         return {"name": self.name, "title": self.title, "help": self.help, "needs_base": self.needs_base,
-                "min_models": self.min_models, "max_models": self.max_models, "streaming": self.streaming,
+                "min_models": self.min_models, "max_models": self.max_models, "shape": self.shape.kind,
                 "block_param": self.block_param, "random": self.random, "preset_of": self.preset_of,
                 "fixed": self.fixed, "params": [p.to_dict() for p in self.params]}
 
@@ -179,7 +187,7 @@ class KeyInputs:
     seed: int = 0
     state: object = None         # what the method's `prepare` returned (None without one)
     recipe_seed: int | None = None   # the recipe's own seed (sd-mecha-compatible RNG re-seeds every key with it)
-    budget_bytes: int | None = None  # the chunk budget in bytes (None: unbounded), for choosing direct vs chunked forms
+    budget_bytes: int | None = None  # the chunk budget in bytes (None: unbounded); read by shapes.py only
 
     @property
     def rows(self) -> int:
@@ -280,11 +288,10 @@ class TensorInputs(KeyInputs):
         return tuple(t.dtype for t in self.tensors)
 
     def chunks(self, resident):
-        step = self.chunk_rows or self.rows
-        if self.budget_bytes is not None:   # like the engine: `resident` chunks fit the budget
-            row_bytes = max(1, math.prod(self.shape[1:])) * self.dtype.itemsize
-            step = max(1, min(step, self.budget_bytes // max(1, resident * row_bytes)))
-        return [(a, min(a + step, self.rows)) for a in range(0, self.rows, step)] or [(0, 0)]
+        """Like the engine's (`resident` chunks fit the budget), without its cache bound: whole keys
+        unless `chunk_rows` or `budget_bytes` says otherwise."""
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=False,
+                         max_rows=self.chunk_rows)
 
     def log(self, message):
         self.messages.append(message)

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..methods.registry import Method, Param, register
+from ..methods.shapes import elementwise, spans
 from .matching import weight_matching
 from .spec import PermutationSpec, apply_index, build_spec
 
@@ -90,7 +91,7 @@ def blend(inputs, wa: float, wb: float, wp: float):
         whole_pb = apply_index(whole_b, index)
         if not wb:
             whole_b = None
-    for a, b in inputs.chunks(resident=5 if rows_moved else 3):
+    for a, b in spans(inputs, SHAPE):
         x = inputs.read_rows(0, a, b).mul_(wa)
         if rows_moved:
             y, py = (whole_b[a:b] if wb else None), whole_pb[a:b]
@@ -113,6 +114,10 @@ def _workspace(shape, n, params) -> int:
     return 2 * 8 * min(math.prod(shape), LARGEST_PERMUTED)
 
 
+# Chunks: A's rows, B's and π(B)'s (views into the workspace when π moves rows).
+SHAPE = elementwise(3, workspace=_workspace)
+
+
 def _run_rebasin(inputs, params):
     alpha = params["alpha"]
     yield from blend(inputs, 1.0 - alpha, 0.0, alpha)
@@ -133,8 +138,7 @@ register(Method(
     "encoders and VAE get the plain weighted sum. Deterministic for a given seed.",
     _run_rebasin,
     params=(Param("alpha", "float", 0.5, 0.0, 1.0, help=ALPHA_HELP, step=0.01), SWEEPS, START),
-    min_models=2, max_models=2, streaming="elementwise", block_param="alpha", random=True, resident=lambda n: 5,
-    workspace=_workspace, prepare=functools.partial(prepare, method="rebasin")))
+    shape=SHAPE, min_models=2, max_models=2, block_param="alpha", random=True, prepare=functools.partial(prepare, method="rebasin")))
 
 register(Method(
     "basin_sum", "BasinSum (weighted sum + Re-Basin)",
@@ -145,5 +149,4 @@ register(Method(
     params=(Param("alpha", "float", 0.5, 0.0, 1.0, help="alpha of the definition: weight of A in the linear part, "
                   "of π(B) inside Rebasin (0.5: both agree); block weights override it per block", step=0.01),
             SWEEPS, START),
-    min_models=2, max_models=2, streaming="elementwise", block_param="alpha", random=True, resident=lambda n: 5,
-    workspace=_workspace, prepare=functools.partial(prepare, method="basin_sum")))
+    shape=SHAPE, min_models=2, max_models=2, block_param="alpha", random=True, prepare=functools.partial(prepare, method="basin_sum")))
