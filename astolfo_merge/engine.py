@@ -34,6 +34,7 @@ from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
 from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, refuse_input_as_output
 from .strict_json import loads as strict_loads
+from .stream import REWIND, arange_ids, stored_chunks, write_chunks, write_file
 from .workers import ChunkWorkers, auto_workers
 
 # Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
@@ -522,17 +523,17 @@ def _shippable(plan: Plan, states: dict, log: list) -> bool:
 
 def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, states, pool, meta, options, tally,
               test_delay) -> str:
-    """Every key in this process, in order, through the streaming writer; returns the sha256."""
-    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta,
-                           options.overwrite) as writer:
-        for n, kp in enumerate(plan.keys):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
-            tally(kp, n + 1)
-            if test_delay:
-                time.sleep(test_delay)
-        return writer.commit()
+    """Every key in this process, in order, through the one streaming loop; returns the sha256."""
+    def chunks_of(index):
+        return _key_chunks(plan, plan.keys[index], readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+
+    def after_key(index):
+        tally(plan.keys[index], index + 1)
+        if test_delay:
+            time.sleep(test_delay)
+
+    return write_file(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+                      chunks_of, after_key, cancel)
 
 
 def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str:
@@ -567,29 +568,31 @@ def _prepare_methods(plan: Plan, readers, log, report, cancel=None) -> dict:
 
 
 def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
-    """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone."""
+    """Write one key into `writer` (a worker process's range writer; this process uses `_run_here`)."""
+    write_chunks(writer, kp.key, _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool))
+
+
+def _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
+    """One key's output chunks; with nonfinite = "skip", an input with NaN/Inf is left out and the
+    key starts over (`REWIND`). The key's mapped input pages are released once it is done."""
+    first = kp
     try:
-        _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+        while True:
+            try:
+                yield from _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool)
+                return
+            except NonFiniteInput as bad:
+                name = plan.sources[bad.source].name
+                if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
+                    raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
+                                        "such inputs out of such keys, or to 'keep')", [name]) from None
+                yield REWIND
+                kp = _without(kp, bad.source)
+                log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
     finally:
-        for source in {*kp.pool, kp.base, kp.source} - {None}:
-            if kp.key in plan.sources[source].keys:
-                readers[source].release(plan.sources[source].keys[kp.key])
-
-
-def _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, states, pool=None):
-    while True:
-        try:
-            for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, states, pool):
-                writer.write(kp.key, chunk)
-            return
-        except NonFiniteInput as bad:
-            name = plan.sources[bad.source].name
-            if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
-                raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
-                                    "such inputs out of such keys, or to 'keep')", [name]) from None
-            writer.rewind(kp.key)
-            kp = _without(kp, bad.source)
-            log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
+        for source in {*first.pool, first.base, first.source} - {None}:
+            if first.key in plan.sources[source].keys:
+                readers[source].release(plan.sources[source].keys[first.key])
 
 
 def _without(kp: KeyPlan, source: int) -> KeyPlan:
@@ -696,16 +699,8 @@ def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
     """A copied key in row chunks that fit the chunk budget (stored, output and, with post-processing,
     compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget."""
     reader, stored = readers[kp.source], plan.sources[kp.source].keys[kp.key]
-    info = reader.info(stored)
-    rows = kp.shape[0] if kp.shape else 1
-    row_elems = math.prod(kp.shape[1:]) if len(kp.shape) > 1 else 1
-    same_rows = bool(kp.shape) and bool(info.shape) and info.shape[0] == rows and info.numel == math.prod(kp.shape)
-    per_row = max(1, row_elems * (info.dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)))
-    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows else rows
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        t = (reader.read_rows(stored, start, stop) if same_rows and step < rows else reader.read(stored))
-        t = t.reshape(((stop - start,) + tuple(kp.shape[1:])) if kp.shape else ())
+    per_element = reader.info(stored).dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)
+    for start, stop, t in stored_chunks(reader, stored, kp.shape, chunk_bytes // 4, per_element):
         if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
             raise NonFiniteInput(kp.source)
         if kp.post and t.is_floating_point():
@@ -717,7 +712,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
     """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
     rows = kp.shape[0] if kp.shape else 1
     if kp.action == "position_ids":
-        yield 0, rows, torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
+        yield 0, rows, arange_ids(kp.shape)
         return
     if kp.action == "copy":
         yield from _copy_chunks(plan, kp, readers, dtype, device, chunk_bytes)
