@@ -22,6 +22,7 @@ from . import arch as archmod
 from .checkpoint import CheckpointReader, ensure_open_files
 from .errors import ArchitectureError, MemoryBudgetError, OptionError, RecipeError, check_memory_gb
 from .plan import GIB, load_source
+from .stream import row_spans
 
 COMPONENT_LABELS = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
 
@@ -125,15 +126,12 @@ def _row_chunks(shape, n_resident, budget_bytes):
     if need > budget_bytes:
         raise MemoryBudgetError(f"one row of every model needs {need / 2 ** 20:.3f} MiB (fp64) but the budget is "
                                 f"{budget_bytes / 2 ** 20:.3f} MiB; raise --memory-gb to at least {need / GIB:.6f}")
-    step = max(1, budget_bytes // need)
-    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
+    return row_spans(rows, need, budget_bytes)
 
 
-def _read_flat(reader, source, key, a, b, rows_total):
-    stored = source.keys[key]
-    if rows_total == 1 and not source.header.tensors[stored].shape:
-        return reader.read(stored).reshape(-1)
-    return reader.read_rows(stored, a, b).reshape(-1)
+def _read_flat(reader, source, key, a, b):
+    """Rows [a, b) of `key` as stored in `source`, flat (a scalar reads as its one row)."""
+    return reader.read_rows(source.keys[key], a, b).reshape(-1)
 
 
 def analyze(paths, base=None, memory_gb: float = 1.0, progress=None) -> Analysis:
@@ -174,16 +172,15 @@ def analyze(paths, base=None, memory_gb: float = 1.0, progress=None) -> Analysis
 
 def _accumulate(gram, key, shape, inputs, readers, n, has_base, budget):
     """Add this key's ⟨d_i, d_j⟩ to `gram`, one row chunk of all models at a time (fp64)."""
-    rows_total = shape[0] if shape else 1
     for a, b in _row_chunks(shape, n + 2, budget):
         chunk = None
         for i in range(n):
-            x = _read_flat(readers[i], inputs[i], key, a, b, rows_total)
+            x = _read_flat(readers[i], inputs[i], key, a, b)
             if chunk is None:
                 chunk = torch.empty((n, x.numel()), dtype=torch.float64)
             chunk[i].copy_(x)
         if has_base:
-            ref = _read_flat(readers[n], inputs[n], key, a, b, rows_total).to(torch.float64)
+            ref = _read_flat(readers[n], inputs[n], key, a, b).to(torch.float64)
         else:
             ref = chunk.mean(dim=0)
         chunk.sub_(ref)

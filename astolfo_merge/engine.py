@@ -35,6 +35,7 @@ from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, key_seed, refuse_input_as_
 from .stage_run import Bindings, run_whole_stage
 from .stages import OUTPUT, TEMP
 from .strict_json import loads as strict_loads
+from .stream import REWIND, arange_ids, stored_chunks, write_chunks, write_file
 from .workers import ChunkWorkers, auto_workers
 
 RELEASE_BYTES = 16 << 20            # mapped input pages are unmapped behind the reads every 16 MiB per model
@@ -584,17 +585,18 @@ def _process_count(plan: Plan, options: RunOptions) -> int:
 
 
 def _run_here(plan, readers, dtype, device, chunk_bytes, log, cancel, bound, pool, meta, options, tally) -> str:
-    """Every key in this process, in order, through the streaming writer; returns the sha256."""
-    with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta,
-                           options.overwrite) as writer:
-        for n, kp in enumerate(plan.keys):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
-            _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
-            tally(kp, n + 1)
-            if options.throttle:
-                time.sleep(options.throttle)
-        return writer.commit()
+    """Every key in this process, in order, through the one streaming loop; returns the sha256.
+    `bound`: the run's stage results and the keys' steps bound to them (stage_run.Bindings)."""
+    def chunks_of(index):
+        return _key_chunks(plan, plan.keys[index], readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
+
+    def after_key(index):
+        tally(plan.keys[index], index + 1)
+        if options.throttle:
+            time.sleep(options.throttle)
+
+    return write_file(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+                      chunks_of, after_key, cancel)
 
 
 def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str:
@@ -615,30 +617,31 @@ def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str
 
 
 def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
-    """Write one key; with nonfinite = "skip", an input with NaN/Inf is left out and the key redone.
-    `bound`: the run's stage results and the key's steps bound to them (stage_run.Bindings)."""
+    """Write one key into `writer` (a worker process's range writer; this process uses `_run_here`)."""
+    write_chunks(writer, kp.key, _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool))
+
+
+def _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
+    """One key's output chunks; with nonfinite = "skip", an input with NaN/Inf is left out and the
+    key starts over (`REWIND`). The key's mapped input pages are released once it is done."""
+    first = kp
     try:
-        _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
+        while True:
+            try:
+                yield from _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
+                return
+            except NonFiniteInput as bad:
+                name = plan.sources[bad.source].name
+                if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
+                    raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
+                                        "such inputs out of such keys, or to 'keep')", [name]) from None
+                yield REWIND
+                kp = _without(kp, bad.source)
+                log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
     finally:
-        for source in {*kp.pool, kp.base, kp.source} - {None}:
-            if kp.key in plan.sources[source].keys:
-                readers[source].release(plan.sources[source].keys[kp.key])
-
-
-def _write_key_once(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
-    while True:
-        try:
-            for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
-                writer.write(kp.key, chunk)
-            return
-        except NonFiniteInput as bad:
-            name = plan.sources[bad.source].name
-            if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
-                raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
-                                    "such inputs out of such keys, or to 'keep')", [name]) from None
-            writer.rewind(kp.key)
-            kp = _without(kp, bad.source)
-            log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
+        for source in {*first.pool, first.base, first.source} - {None}:
+            if first.key in plan.sources[source].keys:
+                readers[source].release(plan.sources[source].keys[first.key])
 
 
 def _without(kp: KeyPlan, source: int) -> KeyPlan:
@@ -746,17 +749,10 @@ def _copy_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes):
     compute-dtype copies of a chunk are alive at once), so a large copied key stays within the budget;
     in one chunk when a step needs the whole tensor (Fermat's permutations move rows)."""
     reader, stored = readers[kp.source], plan.sources[kp.source].keys[kp.key]
-    info = reader.info(stored)
-    rows = kp.shape[0] if kp.shape else 1
-    row_elems = math.prod(kp.shape[1:]) if len(kp.shape) > 1 else 1
-    same_rows = bool(kp.shape) and bool(info.shape) and info.shape[0] == rows and info.numel == math.prod(kp.shape)
-    per_row = max(1, row_elems * (info.dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)))
-    whole = any(s.whole for s in kp.post)
-    step = max(1, min(rows, chunk_bytes // 4 // per_row)) if same_rows and not whole else rows
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        t = (reader.read_rows(stored, start, stop) if same_rows and step < rows else reader.read(stored))
-        t = t.reshape(((stop - start,) + tuple(kp.shape[1:])) if kp.shape else ())
+    per_element = reader.info(stored).dtype.itemsize + kp.dtype.itemsize + (dtype.itemsize if kp.post else 0)
+    whole = any(s.whole for s in kp.post)     # one chunk: the whole tensor
+    budget = chunk_bytes // 4 if not whole else math.prod(kp.shape or (1,)) * per_element
+    for start, stop, t in stored_chunks(reader, stored, kp.shape, budget, per_element):
         if t.is_floating_point() and plan.recipe.nonfinite in ("fail", "skip") and not all_finite(t):
             raise NonFiniteInput(kp.source)
         if kp.post and t.is_floating_point():
@@ -768,7 +764,7 @@ def _raw_chunks(plan, kp: KeyPlan, readers, dtype, device, chunk_bytes, log, can
     """(start_row, stop_row, chunk) in row order; chunks of merges are in the compute dtype."""
     rows = kp.shape[0] if kp.shape else 1
     if kp.action == "position_ids":
-        yield 0, rows, torch.arange(kp.shape[-1], dtype=torch.int64).reshape(kp.shape)
+        yield 0, rows, arange_ids(kp.shape)
         return
     if kp.action == "copy":
         yield from _copy_chunks(plan, kp, readers, dtype, device, chunk_bytes)

@@ -25,7 +25,7 @@ def inspect_file(path) -> dict:
               "recipe": recipe, "recipe_error": recipe_error,
               "metadata_keys": sorted(meta), "metadata_not_strings": non_string, "warnings": header.warnings}
     try:
-        from .repair import diagnose   # the full report, when the repair module is present
+        from .repair_diagnose import diagnose   # the full report, when the repair modules are present
         report.update(diagnose(header, ident))
     except ImportError:
         pass

@@ -8,7 +8,7 @@ from .cli import DEFAULT_MODELS_DIR, _progress_printer, register_command
 
 
 def cmd_repair(args):
-    from .repair import default_output, repair_file
+    from .repair_write import default_output, repair_file
     output = args.output or default_output(args.file)
     result = repair_file(args.file, args.base, output, keep_ema=args.keep_ema,
                          position_ids="omit" if args.omit_position_ids else "reset",

@@ -15,7 +15,8 @@ from .checkpoint import HashCache, read_header
 from .errors import AstolfoError, OutputExistsError, RecipeError
 from .inspection import format_report, inspect_file
 from .recipe import check_output_name
-from .repair import default_output, plan_repair, run_repair
+from .repair_plan import plan_repair
+from .repair_write import default_output, run_repair
 from .ui_catalog import default_catalog, guess_base
 from .ui_compat import listen, make
 from .ui_tasks import NONE, run_in_thread

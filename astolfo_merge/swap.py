@@ -14,7 +14,7 @@ from .engine import RunOptions, run_merge
 from .errors import ArchitectureError, RecipeError
 from .plan import build_plan, load_source, resolve_file
 from .recipe import OUTPUT_DTYPES, parse_recipe
-from .repair import dominant_float_dtype
+from .repair_plan import dominant_float_dtype
 
 SWAPPABLE = ("te0", "te1", "vae")
 _RECIPE_DTYPE = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}

@@ -24,7 +24,7 @@ from .ui_catalog import default_catalog
 from .ui_compat import listen, make, poll_options
 from .ui_forms import BlockWeights, ParamForm
 from .ui_handlers import TabHandlers
-from .ui_state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of
+from .ui_state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of, slots
 from .ui_words import error_text
 
 ELEM = "astolfo_merge"
@@ -260,18 +260,34 @@ class MergerTab(TabHandlers):
                                           elem_id=f"{ELEM}_recipe_source", scale=3, allow_custom_value=True)
                 self.load_embedded = gr.Button("Load", elem_id=f"{ELEM}_load_embedded", scale=1)
 
-    # -- the form as a list of inputs ------------------------------------------------------------
+    # -- the form's widgets by field name ----------------------------------------------------------
+    def form_fields(self) -> dict:
+        """The form's widgets by field name, in the order gradio sends their values. Handlers read
+        the values by these names (`named`), never by position."""
+        fields = {"selection": self.selection, "checked": self.pool, "filter": self.filter, "base": self.base,
+                  "method": self.method, **slots("params", self.main_form.components),
+                  "blocks_enabled": self.mbw.enabled, **slots("blocks", self.mbw.components)}
+        for name, row in self.comp.items():
+            at = f"components.{name}"
+            fields.update({f"{at}.mode": row["mode"], f"{at}.take": row["take"], f"{at}.method": row["method"],
+                           f"{at}.pool": row["pool"], **slots(f"{at}.params", row["form"].components)})
+        fields.update({"output": self.output_name, "dtype": self.dtype, "precision": self.precision, "seed": self.seed,
+                       "allow_mixed_prediction": self.allow_mixed, "nonfinite": self.nonfinite,
+                       "position_ids": self.position_ids, "extra": self.extra, "component_extra": self.component_extra})
+        for i, row in enumerate(self.lora_rows):
+            fields.update(zip((f"loras.{i}.file", f"loras.{i}.strength", f"loras.{i}.when"), row))
+        fields["lora_carry"] = self.lora_carry
+        return fields
+
+    def run_fields(self) -> dict:
+        """The run options' widgets by field name (after the form's in Check / Merge)."""
+        return {"device": self.device, "threads": self.threads, "memory_gb": self.memory, "overwrite": self.overwrite}
+
     def form_inputs(self) -> list:
-        comps = [self.selection, self.pool, self.filter, self.base, self.method, *self.main_form.components, self.mbw.enabled,
-                 *self.mbw.components]
-        for row in self.comp.values():
-            comps += [row["mode"], row["take"], row["method"], row["pool"], *row["form"].components]
-        return comps + [self.output_name, self.dtype, self.precision, self.seed, self.allow_mixed, self.nonfinite,
-                        self.position_ids, self.extra, self.component_extra,
-                        *[w for row in self.lora_rows for w in row], self.lora_carry]
+        return list(self.form_fields().values())
 
     def run_inputs(self) -> list:
-        return [self.device, self.threads, self.memory, self.overwrite]
+        return list(self.run_fields().values())
 
     def list_outputs(self) -> list:
         """Every widget that lists models (refreshed after a merge or a folder change), the feature

@@ -1,8 +1,8 @@
 """Event handlers of the Merger tab (the layout is in ui.py).
 
-Handlers are plain methods over widget values: they read the form into a `FormState`
-(ui_state.py), call the backend (plan, jobs, recipe) and return updates. They never wait for a
-merge: Merge submits a job, the page's poll reads snapshots.
+Handlers are plain methods over widget values: they read the form, by field name, into a
+`Recipe` (ui_state.py maps rows to rules), call the backend (plan, jobs, recipe) and return
+updates. They never wait for a merge: Merge submits a job, the page's poll reads snapshots.
 """
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ from .checkpoint import read_header
 from .errors import AstolfoError, MemoryBudgetError, OutputExistsError, RecipeError
 from .paths import check_recipe_size, confine_recipe, recipe_path
 from .plan import GIB
-from .recipe import load_recipe, parse_recipe, recipe_from_metadata
+from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_metadata
 from .ui_catalog import format_size, guess_base, pool_arch
 from .ui_compat import file_value_bytes
 from .ui_forms import preset_values
 from .ui_words import plain, tab_words
-from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, ComponentChoice, FormState, auto_output_name,
-                       components_of, loras_from_rows, lora_rows, merge_selection, recipe_doc, state_from_recipe)
+from .ui_state import (BASE, MAIN, MODE_OF_LABEL, MODES, OWN, TAKE, arch_components, auto_output_name, carried_dtype,
+                       carried_extra, clean_params, component_carry, component_mode, component_rule, components_of,
+                       form_carry, loras_from_rows, lora_rows, merge_selection, slot_values)
 
 NONE = "(none)"
 LOG_TAIL = 40
@@ -257,65 +258,64 @@ class TabHandlers:
         return lambda method: row["form"].updates(method)
 
     # -- reading the form -------------------------------------------------------------------------
-    def read_form(self, values) -> tuple:
-        """(FormState, architecture of the pool) from the values of `form_inputs()`."""
-        values = list(values)
-        pos = 0
+    def named(self, values) -> dict:
+        """The values gradio sends for `form_inputs()` (+ `run_inputs()`), by field name."""
+        return dict(zip([*self.form_fields(), *self.run_fields()], values))
 
-        def take(n):
-            nonlocal pos
-            pos += n
-            return values[pos - n:pos]
-
-        selection, checked, filter_text, base, method = take(5)
+    def read_form(self, form: dict) -> tuple:
+        """(the Recipe the form describes, not yet validated; the pool's architecture) from the form's
+        values by field name (`named`)."""
         # The checkboxes are the truth for the models they show (events may answer out of order);
         # the remembered selection adds the filtered-out ones and the click order.
-        pool = merge_selection(selection or [], [i.name for i in self.shown(filter_text)], checked or [])
-        main_values = take(len(self.main_form.components))
-        (mbw_on,) = take(1)
-        mbw_values = take(len(self.mbw.components))
+        pool = merge_selection(form["selection"] or [], [i.name for i in self.shown(form["filter"])],
+                               form["checked"] or [])
         arch = pool_arch(self.by_name, pool)
-        state = FormState(pool=pool, method=method,
-                          params=self.main_form.params(method, main_values),
-                          base=None if base in (None, "", NONE) else base, blocks_enabled=bool(mbw_on),
-                          blocks=self.mbw.values(arch, mbw_values) if mbw_on else {})
-        rows = []
-        for name, row in self.comp.items():
-            mode_label, take_from, own_method, own_pool = take(4)
-            rows.append((name, row, MODE_OF_LABEL.get(mode_label, MAIN), take_from, own_method, own_pool,
-                         take(len(row["form"].components))))
-        output, dtype, precision, seed, allow_mixed, nonfinite, position_ids, extra, component_extra = take(9)
-        lora_values = take(3 * len(self.lora_rows))
-        (lora_carry,) = take(1)
-        for name, row, mode, take_from, own_method, own_pool, form_values in rows:
-            choice = ComponentChoice(mode, take=take_from or None)
-            if mode == OWN:
-                choice.method = own_method
-                choice.params = row["form"].params(own_method, form_values, f"components.{name}.params")
-                choice.pool = list(own_pool or [])
-                carried = (component_extra or {}).get(name, {})
-                choice.base, choice.blocks = carried.get("base"), carried.get("blocks")
-            if mode == TAKE and not take_from:
-                raise RecipeError(f"components.{name}.take", "pick the model to take it from")
-            state.components[name] = choice
-        state.output = (output or "").strip() or auto_output_name(state.pool, method)
-        state.dtype, state.precision, state.seed = dtype, precision, int(seed or 0)
-        state.allow_mixed_prediction, state.nonfinite, state.position_ids = bool(allow_mixed), nonfinite, position_ids
-        state.extra = {k: v for k, v in (extra or {}).items() if k != "loras"}
-        state.loras = loras_from_rows([lora_values[i:i + 3] for i in range(0, len(lora_values), 3)], lora_carry)
-        return state, arch
+        method, carry = form["method"], form["extra"] or {}
+        params = self.main_form.params(method, slot_values(form, "params", len(self.main_form.components)))
+        blocks = slot_values(form, "blocks", len(self.mbw.components)) if form["blocks_enabled"] else None
+        loras = [[form[f"loras.{i}.{k}"] for k in ("file", "strength", "when")] for i in range(len(self.lora_rows))]
+        recipe = Recipe(
+            pool=pool, method=method,
+            params=clean_params(method, params),
+            base=None if form["base"] in (None, "", NONE) else form["base"],
+            blocks=dict(self.mbw.values(arch, blocks)) if blocks is not None else {},
+            components=arch_components({name: self.read_component(form, name) for name in self.comp}, arch),
+            seed=int(form["seed"] or 0), precision=form["precision"], dtype=carried_dtype(form["dtype"], carry),
+            output=(form["output"] or "").strip() or auto_output_name(pool, method),
+            allow_mixed_prediction=bool(form["allow_mixed_prediction"]), nonfinite=form["nonfinite"],
+            position_ids=form["position_ids"], extra=carried_extra(carry, loras_from_rows(loras, form["lora_carry"])))
+        return recipe, arch
+
+    def read_component(self, form: dict, name: str):
+        """The rule of one component row (None: main method), read by field name."""
+        at = f"components.{name}"
+        mode = MODE_OF_LABEL.get(form[f"{at}.mode"], MAIN)
+        take_from, own_method = form[f"{at}.take"], form[f"{at}.method"]
+        if mode == TAKE and not take_from:
+            raise RecipeError(f"{at}.take", "pick the model to take it from")
+        params = None
+        if mode == OWN:
+            row = self.comp[name]
+            params = row["form"].params(own_method, slot_values(form, f"{at}.params", len(row["form"].components)),
+                                        f"{at}.params")
+        return component_rule(mode, take_from or None, own_method, params, form[f"{at}.pool"],
+                              (form["component_extra"] or {}).get(name))
+
+    def recipe_of(self, form: dict):
+        """The validated Recipe of the form (by field name): its `to_dict` is the recipe JSON."""
+        recipe, _arch = self.read_form(form)
+        if not recipe.pool:
+            raise RecipeError("pool", "select at least one model")
+        return parse_recipe(recipe.to_dict())
 
     def form_recipe(self, values):
-        state, arch = self.read_form(values)
-        if not state.pool:
-            raise RecipeError("pool", "select at least one model")
-        return parse_recipe(recipe_doc(state, arch))
+        """The validated Recipe of the values gradio sends for `form_inputs()`."""
+        return self.recipe_of(self.named(values))
 
-    def split_run(self, values):
-        n = len(self.form_inputs())
-        device, threads, memory, overwrite = values[n:n + 4]
-        return list(values[:n]), dict(device=device, threads=int(threads or 0), memory_gb=memory or 1.5,
-                                      overwrite=bool(overwrite))
+    @staticmethod
+    def run_of(form: dict) -> dict:
+        return dict(device=form["device"], threads=int(form["threads"] or 0), memory_gb=form["memory_gb"] or 1.5,
+                    overwrite=bool(form["overwrite"]))
 
     # -- plan, merge, cancel ----------------------------------------------------------------------
     def plan_blockers(self, plan, options) -> list:
@@ -352,11 +352,11 @@ class TabHandlers:
         return "  \n".join(lines)
 
     def prepare(self, values):
-        form_values, run = self.split_run(values)
-        recipe = self.form_recipe(form_values)
+        form = self.named(values)
+        recipe = self.recipe_of(form)
         confine_recipe(self.host, recipe)   # names from the page: only files inside the host's folders
         plan = self.host.plan(recipe)
-        options = self.host.run_options(**run)
+        options = self.host.run_options(**self.run_of(form))
         return recipe, plan, options
 
     def on_check(self, *values):
@@ -506,39 +506,45 @@ class TabHandlers:
         return fill(self.load_recipe_outputs(), {self.message: self.error_text(exc)})
 
     def apply_recipe(self, recipe, filter_text, message) -> list:
-        """Fill every widget from `recipe`."""
-        state = state_from_recipe(recipe)
-        updates = self.pool_changed(state.pool, filter_text, state.base or NONE, state.method, state.output or "", "",
+        """Fill every widget from `recipe` (the form's one shape of a recipe)."""
+        output = recipe.output or ""
+        updates = self.pool_changed(list(recipe.pool), filter_text, recipe.base or NONE, recipe.method, output, "",
                                     as_dict=True)
-        arch = pool_arch(self.by_name, state.pool)
-        updates[self.base] = gr.update(value=state.base or NONE)
-        updates[self.output_name] = state.output or updates.get(self.output_name, "")
-        updates[self.method] = gr.update(value=state.method)
-        updates.update(zip(self.main_form.components, self.main_form.updates(state.method, state.params)))
-        updates[self.method_help] = self.method_help_text(state.method)
-        updates[self.mbw.enabled] = gr.update(value=state.blocks_enabled)
-        updates.update(self.mbw.set_updates(arch, state.blocks))
+        arch = pool_arch(self.by_name, list(recipe.pool))
+        updates[self.base] = gr.update(value=recipe.base or NONE)
+        updates[self.output_name] = output or updates.get(self.output_name, "")
+        updates[self.method] = gr.update(value=recipe.method)
+        updates.update(zip(self.main_form.components, self.main_form.updates(recipe.method, dict(recipe.params))))
+        updates[self.method_help] = self.method_help_text(recipe.method)
+        updates[self.mbw.enabled] = gr.update(value=bool(recipe.blocks))
+        updates.update(self.mbw.set_updates(arch, dict(recipe.blocks)))
         for name, row in self.comp.items():
-            choice = state.components.get(name) or ComponentChoice()
-            updates[row["mode"]] = MODES[choice.mode]
-            updates[row["take"]] = gr.update(value=choice.take, visible=choice.mode == TAKE)
-            updates[row["own"]] = gr.update(visible=choice.mode == OWN)
-            own_method = choice.method or self.default_method
-            updates[row["method"]] = gr.update(value=own_method)
-            updates[row["pool"]] = gr.update(value=list(choice.pool))
-            updates.update(zip(row["form"].components, row["form"].updates(own_method, choice.params)))
-        updates.update({self.dtype: state.dtype, self.precision: state.precision, self.seed: state.seed,
-                        self.allow_mixed: state.allow_mixed_prediction, self.nonfinite: state.nonfinite,
-                        self.position_ids: state.position_ids, self.extra: dict(state.extra),
-                        self.component_extra: {name: {"base": c.base, "blocks": c.blocks}
-                                               for name, c in state.components.items() if c.base or c.blocks},
+            updates.update(self.component_updates(row, recipe.components.get(name)))
+        updates.update({self.dtype: recipe.dtype_of("default"), self.precision: recipe.precision,
+                        self.seed: recipe.seed,
+                        self.allow_mixed: recipe.allow_mixed_prediction, self.nonfinite: recipe.nonfinite,
+                        self.position_ids: recipe.position_ids, self.extra: form_carry(recipe),
+                        self.component_extra: component_carry(recipe),
                         self.message: message, self.recipe_json: recipe.to_json()})
-        rows, carry = lora_rows(state.loras, len(self.lora_rows))
+        loras = recipe.extra.get("loras") or []
+        rows, carry = lora_rows(loras, len(self.lora_rows))
         for widgets, (file, strength, when) in zip(self.lora_rows, rows):
             updates.update(zip(widgets, (gr.update(value=file or NONE), strength, when)))
         updates[self.lora_carry] = carry
-        if state.loras:
+        if loras:
             updates[self.lora_box] = gr.update(visible=True, open=True)
-        if state.components.get("unet", ComponentChoice()).mode == BASE and not state.base:
+        if component_mode(recipe.components.get("unet")) == BASE and not recipe.base:
             updates[self.message] = message + " (note: 'keep base' needs a base model)"
         return fill(self.load_recipe_outputs(), updates)
+
+    def component_updates(self, row, rule) -> dict:
+        """A component row showing `rule` (None: main method)."""
+        mode = component_mode(rule)
+        own = rule if mode == OWN else None
+        own_method = (own and own.method) or self.default_method
+        updates = {row["mode"]: MODES[mode],
+                   row["take"]: gr.update(value=rule.take if mode == TAKE else None, visible=mode == TAKE),
+                   row["own"]: gr.update(visible=mode == OWN), row["method"]: gr.update(value=own_method),
+                   row["pool"]: gr.update(value=list((own and own.pool) or []))}
+        updates.update(zip(row["form"].components, row["form"].updates(own_method, dict((own and own.params) or {}))))
+        return updates

@@ -1,56 +1,25 @@
-"""What the tab's form means, without gradio: a `FormState` and its two-way mapping to a recipe.
+"""What the tab's form means, without gradio: the pieces that map its widgets to and from a Recipe.
 
-The tab reads its widgets into a FormState, turns it into a recipe document (validated by
-`recipe.parse_recipe`, so the tab, the CLI and the XYZ axes accept exactly the same recipes), and
-fills its widgets back from any recipe (a saved file, or the one embedded in a merged checkpoint).
+The tab has one shape of a recipe, `recipe.Recipe`: it reads its widgets, by field name, into a
+Recipe, whose `to_dict` is validated by `recipe.parse_recipe` (so the tab, the CLI and the XYZ axes
+accept exactly the same recipes) and is the JSON the tab shows and saves; it fills its widgets back
+from any Recipe (a saved file, or the one embedded in a merged checkpoint). Here: component rows <->
+component rules, the fields the form carries without showing them, the LoRA rows.
 """
 from __future__ import annotations
 
 import functools
 import types
-from dataclasses import dataclass, field
 
 from . import arch as archmod
 from .methods import METHODS
 from .naming import default_output_name
-from .recipe import Recipe
+from .recipe import ComponentRule, Recipe
 
 MAIN, OWN, TAKE, BASE = "main", "own", "take", "base"
 MODES = {MAIN: "Main method", OWN: "Own method", TAKE: "Take from a model", BASE: "Keep base"}
 MODE_OF_LABEL = {label: mode for mode, label in MODES.items()}
 COMPONENT_TITLES = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
-
-
-@dataclass
-class ComponentChoice:
-    """How one component is produced (see recipe `components`)."""
-    mode: str = MAIN
-    take: str | None = None          # TAKE: the file to copy the component from
-    method: str | None = None        # OWN: its own method, params and (optional) pool
-    params: dict = field(default_factory=dict)
-    pool: list = field(default_factory=list)
-    base: str | None = None          # OWN, from a loaded recipe only: the form shows no widget for these,
-    blocks: dict | None = None       # it carries them unchanged
-
-
-@dataclass
-class FormState:
-    pool: list = field(default_factory=list)
-    method: str = "weighted_sum"
-    params: dict = field(default_factory=dict)
-    base: str | None = None
-    blocks_enabled: bool = False
-    blocks: dict = field(default_factory=dict)
-    components: dict = field(default_factory=dict)   # name -> ComponentChoice
-    output: str | None = None
-    dtype: str = "fp16"
-    precision: str = "fp64"
-    seed: int = 0
-    allow_mixed_prediction: bool = False
-    nonfinite: str = "fail"
-    position_ids: str = "reset"
-    extra: dict = field(default_factory=dict)        # recipe fields the form does not show, kept as loaded
-    loras: list = field(default_factory=list)        # the recipe's `loras` (lora.py), from the LoRA rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,75 +45,74 @@ def clean_params(method_name: str, params: dict) -> dict:
     return {k: v for k, v in params.items() if k in names and v is not None}
 
 
-def recipe_doc(state: FormState, arch: str | None = None) -> dict:
-    """The recipe document the form describes (validate it with `parse_recipe`).
-
-    Component rules are written only for components the pool's architecture has and only when
-    they differ from "main method".
-    """
-    doc = {"pool": list(state.pool), "method": state.method, "params": clean_params(state.method, state.params)}
-    if state.base:
-        doc["base"] = state.base
-    if state.blocks_enabled and state.blocks:
-        doc["blocks"] = dict(state.blocks)
-    components = {}
-    for name in components_of(arch):
-        choice = state.components.get(name)
-        if choice is None or choice.mode == MAIN:
-            continue
-        if choice.mode == TAKE:
-            components[name] = {"take": choice.take}
-        elif choice.mode == BASE:
-            components[name] = {"take": "base"}
-        else:
-            rule = {"method": choice.method, "params": clean_params(choice.method, choice.params)}
-            if choice.pool:
-                rule["pool"] = list(choice.pool)
-            if choice.base:
-                rule["base"] = choice.base
-            if choice.blocks:
-                rule["blocks"] = dict(choice.blocks)
-            components[name] = rule
-    if components:
-        doc["components"] = components
-    per_component = state.extra.get("dtype")    # a loaded recipe's per-component dtypes; the radio is the default
-    dtype = {**per_component, "default": state.dtype} if isinstance(per_component, dict) else state.dtype
-    doc.update({"seed": int(state.seed), "precision": state.precision, "dtype": dtype})
-    if state.output:
-        doc["output"] = state.output
-    if state.allow_mixed_prediction:
-        doc["allow_mixed_prediction"] = True
-    if state.nonfinite != "fail":
-        doc["nonfinite"] = state.nonfinite
-    if state.position_ids != "reset":
-        doc["position_ids"] = state.position_ids
-    doc.update({k: v for k, v in state.extra.items() if k not in ("loras", "dtype")})
-    if state.loras:
-        doc["loras"] = [dict(entry) for entry in state.loras]
-    return doc
+def component_rule(mode: str, take=None, method=None, params=None, pool=None, carried=None) -> ComponentRule | None:
+    """The recipe rule of one component row; None for "main method" (no rule). `carried` holds the
+    base / blocks of a loaded recipe's own-method rule, which the row shows no widget for."""
+    if mode == TAKE:
+        return ComponentRule(take=take)
+    if mode == BASE:
+        return ComponentRule(take="base")
+    if mode != OWN:
+        return None
+    carried = carried or {}
+    blocks = carried.get("blocks")
+    return ComponentRule(method=method, params=clean_params(method, params or {}), pool=list(pool or []) or None,
+                         base=carried.get("base") or None, blocks=dict(blocks) if blocks else None)
 
 
-def state_from_recipe(recipe: Recipe) -> FormState:
-    """The form that reproduces `recipe` (every field the recipe has; defaults elsewhere)."""
-    state = FormState(pool=list(recipe.pool), method=recipe.method, params=dict(recipe.params), base=recipe.base,
-                      blocks_enabled=bool(recipe.blocks), blocks=dict(recipe.blocks), output=recipe.output,
-                      dtype=recipe.dtype_of("default"), precision=recipe.precision, seed=recipe.seed,
-                      allow_mixed_prediction=recipe.allow_mixed_prediction, nonfinite=recipe.nonfinite,
-                      position_ids=recipe.position_ids,
-                      extra={k: v for k, v in recipe.extra.items() if k != "loras"}
-                      | ({"dtype": {k: v for k, v in recipe.dtype.items() if k != "default"}}
-                         if isinstance(recipe.dtype, dict) else {}),
-                      loras=[dict(entry) for entry in recipe.extra.get("loras") or []])
-    for name, rule in recipe.components.items():
-        if rule.take == "base":
-            state.components[name] = ComponentChoice(BASE)
-        elif rule.take:
-            state.components[name] = ComponentChoice(TAKE, take=rule.take)
-        else:
-            state.components[name] = ComponentChoice(OWN, method=rule.method, params=dict(rule.params or {}),
-                                                     pool=list(rule.pool or []), base=rule.base,
-                                                     blocks=dict(rule.blocks) if rule.blocks else None)
-    return state
+def component_mode(rule: ComponentRule | None) -> str:
+    """The row mode that shows `rule` (the inverse of `component_rule`)."""
+    if rule is None:
+        return MAIN
+    if rule.take == "base":
+        return BASE
+    return TAKE if rule.take else OWN
+
+
+def arch_components(rules: dict, arch: str | None) -> dict:
+    """The rules of the components the pool's architecture has (rows of other components are ignored;
+    "main method" rows write no rule)."""
+    return {name: rules[name] for name in components_of(arch) if rules.get(name) is not None}
+
+
+def component_carry(recipe: Recipe) -> dict:
+    """Per own-method component, the base / blocks the rows do not show (carried back by `component_rule`)."""
+    return {name: {"base": rule.base, "blocks": dict(rule.blocks) if rule.blocks else None}
+            for name, rule in recipe.components.items()
+            if component_mode(rule) == OWN and (rule.base or rule.blocks)}
+
+
+def form_carry(recipe: Recipe) -> dict:
+    """The recipe fields the form shows no widget for (note, fermat, …, and the per-component output
+    dtypes beside the radio's default), kept as loaded. LoRAs have their rows."""
+    carry = {k: v for k, v in recipe.extra.items() if k != "loras"}
+    if isinstance(recipe.dtype, dict):
+        carry["dtype"] = {k: v for k, v in recipe.dtype.items() if k != "default"}
+    return carry
+
+
+def carried_dtype(default: str, carry: dict) -> str | dict:
+    """The recipe's `dtype`: the radio's value, as the default beside any carried per-component dtypes."""
+    per_component = (carry or {}).get("dtype")
+    return {**per_component, "default": default} if isinstance(per_component, dict) else default
+
+
+def carried_extra(carry: dict, loras: list) -> dict:
+    """The recipe's `extra`: the carried fields, then the LoRA rows' `loras` (when any)."""
+    extra = {k: v for k, v in (carry or {}).items() if k not in ("loras", "dtype")}
+    if loras:
+        extra["loras"] = [dict(entry) for entry in loras]
+    return extra
+
+
+def slots(prefix: str, widgets) -> dict:
+    """Widgets of a repeated group by field name: prefix.0, prefix.1, …"""
+    return {f"{prefix}.{i}": w for i, w in enumerate(widgets)}
+
+
+def slot_values(named: dict, prefix: str, count: int) -> list:
+    """The values of a group named with `slots`, in slot order."""
+    return [named[f"{prefix}.{i}"] for i in range(count)]
 
 
 def auto_output_name(pool, method) -> str | None:

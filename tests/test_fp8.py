@@ -4,6 +4,7 @@ policy, and GGUF / NVFP4 / other quantized formats refused by name.
 
 The differential tests compare every merged key, bit for bit, with the method run in memory on the
 inputs dequantized here (from the safetensors library's reading of the files), cast once."""
+import dataclasses
 import json
 import struct
 from fractions import Fraction
@@ -23,7 +24,7 @@ from astolfo_merge.methods.registry import TensorInputs
 from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
 from astolfo_merge.repair import repair_file
-from astolfo_merge.ui_state import recipe_doc, state_from_recipe
+from astolfo_merge.ui_state import carried_dtype, form_carry
 from conftest import link_files, TEST_SCALE, load
 from test_cli import cli
 
@@ -291,12 +292,12 @@ def test_per_component_dtype_falls_back_to_default_and_survives_the_tab_round_tr
     recipe = parse_recipe({"pool": ["a", "b"], "method": "weighted_sum", "dtype": {"unet": "fp8_e4m3fn", "vae": "fp32"}})
     assert [recipe.dtype_of(c) for c in ("unet", "te0", "te1", "vae")] == ["fp8_e4m3fn", "fp16", "fp16", "fp32"]
     assert parse_recipe(recipe.to_json()).dtype == recipe.dtype
-    state = state_from_recipe(recipe)
-    assert state.dtype == "fp16"       # the tab's radio shows the default; the named components ride along
-    again = parse_recipe(recipe_doc(state, "sd1"))
+    carry = form_carry(recipe)
+    assert recipe.dtype_of("default") == "fp16"   # the tab's radio shows the default; the named components ride along
+    again = parse_recipe(dataclasses.replace(recipe, dtype=carried_dtype("fp16", carry)).to_dict())
     assert [again.dtype_of(c) for c in ("unet", "te0", "vae")] == ["fp8_e4m3fn", "fp16", "fp32"]
-    state.dtype = "bf16"
-    assert parse_recipe(recipe_doc(state, "sd1")).dtype_of("te0") == "bf16"
+    radio_changed = dataclasses.replace(recipe, dtype=carried_dtype("bf16", carry))
+    assert parse_recipe(radio_changed.to_dict()).dtype_of("te0") == "bf16"
     assert parse_recipe({"pool": ["a", "b"], "method": "weighted_sum"}).to_dict()["dtype"] == "fp16"
 
 

@@ -260,6 +260,19 @@ def test_any_recipe_loaded_into_the_form_comes_back_unchanged(tab, doc):
     assert json.loads(recipe_json) == parse_recipe(doc).to_dict()
 
 
+def test_the_form_is_read_by_field_name_not_by_position(tab):
+    """Every input has one name; the recipe read from the named values does not depend on their order."""
+    form = Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors").set(tab.seed, 9)
+    names = [*tab.form_fields(), *tab.run_fields()]
+    assert len(set(names)) == len(names) == len(form.components)
+    named = tab.named(form.values)
+    assert (named["selection"], named["seed"], named["memory_gb"]) == (["sd1-a.safetensors", "sd1-b.safetensors"], 9,
+                                                                       form.value(tab.memory))
+    backwards = dict(reversed(list(named.items())))
+    assert tab.recipe_of(backwards).to_dict() == tab.form_recipe(form.values[:len(tab.form_inputs())]).to_dict()
+    assert json.loads(tab.on_check(*form.values)[1]) == tab.recipe_of(named).to_dict()
+
+
 # --- rough edges seen in a real WebUI (issue 16) -------------------------------------------------
 
 SDXL_VAE = [k for k in __import__("astolfo_merge.arch", fromlist=["layout"]).layout("sdxl", 64)

@@ -9,11 +9,12 @@ import pytest
 from astolfo_merge import arch as archmod
 from astolfo_merge import ui_catalog
 from astolfo_merge.methods import METHODS, Method, Param, register
-from astolfo_merge.recipe import parse_recipe
+from astolfo_merge.recipe import Recipe, parse_recipe
 from astolfo_merge.ui_catalog import Catalog, guess_base
 from astolfo_merge.ui_forms import PRESETS, BlockWeights, ParamForm, assign_slots, preset_values, slot_kind
-from astolfo_merge.ui_state import (BASE, OWN, TAKE, ComponentChoice, FormState, components_of, merge_selection,
-                                    recipe_doc, shown_params, state_from_recipe)
+from astolfo_merge.ui_state import (BASE, MAIN, OWN, TAKE, arch_components, carried_extra, component_carry,
+                                    component_mode, component_rule, components_of, form_carry, merge_selection,
+                                    shown_params)
 
 
 def build_form(methods, method):
@@ -118,25 +119,36 @@ def test_components_by_architecture():
     assert components_of("sdxl") == ("unet", "te0", "te1", "vae")
 
 
-def test_a_full_form_round_trips_through_a_recipe():
-    state = FormState(pool=["a.safetensors", "b.safetensors"], method="weighted_sum", params={"alpha": 0.3},
-                      base="base.safetensors", blocks_enabled=True, blocks={"IN00": 0.1, "OUT08": 0.9},
-                      components={"te0": ComponentChoice(TAKE, take="a.safetensors"), "vae": ComponentChoice(BASE),
-                                  "te1": ComponentChoice(OWN, method="n_average", params={"weights": [1.0, 3.0]},
-                                                         pool=["b.safetensors", "c.safetensors"])},
-                      output="x.safetensors", dtype="bf16", precision="fp32", seed=7, nonfinite="skip",
-                      extra={"note": "kept"})
-    recipe = parse_recipe(recipe_doc(state, "sdxl"))
-    back = state_from_recipe(recipe)
-    assert recipe_doc(back, "sdxl") == recipe_doc(state, "sdxl")
-    assert back.components["te0"].mode == TAKE and back.components["vae"].mode == BASE
-    assert recipe.components["te1"].pool == ["b.safetensors", "c.safetensors"]
+def test_component_rows_round_trip_through_the_recipe_rules():
+    rows = {"unet": (MAIN, {}), "te0": (TAKE, {"take": "a.safetensors"}), "vae": (BASE, {}),
+            "te1": (OWN, {"method": "n_average", "params": {"weights": [1.0, 3.0]},
+                          "pool": ["b.safetensors", "c.safetensors"]})}
+    rules = arch_components({name: component_rule(mode, **kw) for name, (mode, kw) in rows.items()}, "sdxl")
+    recipe = parse_recipe(Recipe(pool=["a.safetensors", "b.safetensors"], method="weighted_sum", params={"alpha": 0.3},
+                                 base="base.safetensors", blocks={"IN00": 0.1, "OUT08": 0.9}, components=rules,
+                                 output="x.safetensors", dtype="bf16", precision="fp32", seed=7, nonfinite="skip",
+                                 extra={"note": "kept"}).to_dict())
+    modes = {name: mode for name, (mode, _kw) in rows.items()}
+    assert {name: component_mode(recipe.components.get(name)) for name in rows} == modes
+    assert recipe.components["te1"].pool == ["b.safetensors", "c.safetensors"] and "unet" not in recipe.components
+    assert parse_recipe(recipe.to_dict()) == recipe
+    assert form_carry(recipe) == {"note": "kept"} and carried_extra(form_carry(recipe), []) == recipe.extra
+
+
+def test_an_own_method_row_carries_the_base_and_blocks_it_shows_no_widget_for():
+    rule = component_rule(OWN, method="weighted_sum", params={"alpha": 0.5, "nope": 1},
+                          carried={"base": "b.safetensors", "blocks": {"IN00": 0.5}})
+    assert rule.to_dict() == {"method": "weighted_sum", "params": {"alpha": 0.5}, "base": "b.safetensors",
+                              "blocks": {"IN00": 0.5}}
+    recipe = Recipe(pool=["a", "b"], method="weighted_sum", components={"te0": rule})
+    assert component_carry(recipe) == {"te0": {"base": "b.safetensors", "blocks": {"IN00": 0.5}}}
+    assert component_rule(OWN, method=rule.method, params=rule.params, carried=component_carry(recipe)["te0"]) == rule
 
 
 def test_components_the_architecture_lacks_are_not_written():
-    state = FormState(pool=["a", "b"], components={"te1": ComponentChoice(TAKE, take="a")}, output="x")
-    assert "components" not in recipe_doc(state, "sd1")
-    assert recipe_doc(state, "sdxl")["components"] == {"te1": {"take": "a"}}
+    rules = {"unet": component_rule(MAIN), "te1": component_rule(TAKE, "a")}
+    assert arch_components(rules, "sd1") == {}
+    assert {name: r.to_dict() for name, r in arch_components(rules, "sdxl").items()} == {"te1": {"take": "a"}}
 
 
 def test_pool_order_is_click_order_and_filtered_models_stay_selected():
