@@ -32,6 +32,7 @@ from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count, changed_inp
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
 from .methods import KeyInputs, get_method
 from .methods.registry import add_in_order
+from .ray_executor import require_ray, ray_session, run_on_ray
 from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, refuse_input_as_output
 from .strict_json import loads as strict_loads
 from .workers import ChunkWorkers, auto_workers
@@ -57,6 +58,7 @@ class RunOptions:
     workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (executors.py)
     isolate: bool | None = None      # True: worker processes even for one worker, so a dying merge spares the
                                      # host (None: background jobs isolate, direct calls do not)
+    ray: str | None = None           # None: no Ray; "" or "local": a local Ray for the merge; else a cluster address
 
     def __post_init__(self):   # every front end (CLI, tab, app, scripts) builds these: refuse NaN / inf / <= 0 here
         self.memory_gb = check_memory_gb(self.memory_gb)
@@ -404,7 +406,9 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
-    processes = _process_count(plan, options)
+    if options.ray is not None:
+        require_ray()                # before any work: one line saying what to install
+    processes = 0 if options.ray is not None else _process_count(plan, options)
     dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
     start = time.monotonic()
     total_bytes = plan.output_bytes
@@ -456,7 +460,12 @@ def _run(plan, options, report, crew, dtype, device, log, cancel, start, tally, 
     try:
         states = _prepare_methods(plan, readers, log, report, cancel)
         meta = output_metadata(plan, hashes)
-        if crew is not None and _shippable(plan, states, log):
+        on_ray = options.ray is not None and _stageless(plan, log) and _shippable(plan, states, log)
+        if on_ray:
+            setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
+                     "chunk_bytes": chunk_bytes, "test_delay": test_delay}
+            sha = _run_on_ray(plan, setup, meta, options, tally, cancel, log)
+        elif crew is not None and _shippable(plan, states, log):
             setup = {"plan": plan, "states": states, "dtype": dtype, "device": options.device,
                      "chunk_bytes": max(16 << 20, chunk_bytes // len(crew.workers)), "test_delay": test_delay}
             sha = _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log)
@@ -547,6 +556,24 @@ def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str
     with SafetensorsWriter(plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
                            positioned=True) as writer:
         sha, key_log = run_tasks(plan, writer, setup, crew, on_key, cancel)
+        writer.commit(sha)
+    log.extend(key_log)
+    return sha
+
+
+def _run_on_ray(plan, setup, meta, options, tally, cancel, log) -> str:
+    """The keys as Ray tasks writing into the preallocated temp output (ray_executor.py)."""
+    done = 0
+
+    def on_key(index):
+        nonlocal done
+        done += 1
+        tally(plan.keys[index], done)
+
+    with ray_session(options.ray) as ray, SafetensorsWriter(
+            plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+            positioned=True) as writer:
+        sha, key_log = run_on_ray(ray, plan, writer, setup, on_key, cancel)
         writer.commit(sha)
     log.extend(key_log)
     return sha

@@ -19,31 +19,44 @@ from .engine import _write_key
 from .executors import pack_error, read_frame, send_frame
 
 
+def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop: int, started=None, finished=None):
+    """The per-task code every executor shares (worker processes, Ray): keys plan.keys[first:stop],
+    read from the inputs' paths and written with positioned writes into `ranges` of the temp output
+    `tmp`. `started(index)` / `finished(index, log_lines)` are called around each key."""
+    plan, states = setup["plan"], setup["states"]
+    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
+    delay = setup.get("test_delay", 0.0)
+    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    writer = None
+    try:
+        writer = RangeWriter(tmp, ranges, dtypes)
+        for index in range(first, stop):
+            if started is not None:
+                started(index)
+            log = []
+            _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, states)
+            if finished is not None:
+                finished(index, log)
+            if delay:
+                time.sleep(delay)
+    finally:
+        if writer is not None:
+            writer.close()
+        for r in readers:
+            r.close()
+
+
 def serve(inbox, outbox):
     setup = read_frame(inbox)
     if setup is None:
         return
     setup = setup[1]
-    plan, states = setup["plan"], setup["states"]
-    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
-    delay = setup.get("test_delay", 0.0)
-    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    writer = RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
-    try:
-        while (msg := read_frame(inbox)) is not None and msg[0] == "task":
-            _, task_id, first, stop = msg
-            for index in range(first, stop):
-                send_frame(outbox, ("started", index))
-                log = []
-                _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, states)
-                send_frame(outbox, ("key", index, log))
-                if delay:
-                    time.sleep(delay)
-            send_frame(outbox, ("task", task_id))
-    finally:
-        writer.close()
-        for r in readers:
-            r.close()
+    started = lambda index: send_frame(outbox, ("started", index))  # noqa: E731
+    finished = lambda index, log: send_frame(outbox, ("key", index, log))  # noqa: E731
+    while (msg := read_frame(inbox)) is not None and msg[0] == "task":
+        _, task_id, first, stop = msg
+        run_keys(setup, setup["tmp"], setup["ranges"], setup["dtypes"], first, stop, started, finished)
+        send_frame(outbox, ("task", task_id))
 
 
 def main():
