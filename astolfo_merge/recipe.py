@@ -249,6 +249,8 @@ def parse_recipe(doc) -> Recipe:
     if not isinstance(amp, bool):
         raise RecipeError("allow_mixed_prediction", "must be true or false")
     recipe.allow_mixed_prediction = amp
+    if "note" in doc and doc["note"] is not None and not isinstance(doc["note"], str):
+        raise RecipeError("note", f"must be text, got {_short(doc['note'])}")
     recipe.extra = {k: doc[k] for k in ("loras", "fermat", "note") if k in doc}
     if doc.get("fermat") not in (None, False):
         from .rebasin.fermat import fermat_options   # validates the field now, before any work

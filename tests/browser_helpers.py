@@ -2,6 +2,7 @@
 import hashlib
 import pathlib
 import socket
+import subprocess
 import time
 import urllib.request
 
@@ -51,3 +52,12 @@ def wait_http(url, proc, timeout=60):
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+def stop(proc, timeout=15):
+    """End an app subprocess a test started: terminate, then kill if it does not go."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -39,9 +39,14 @@ def demo_dir(tmp_path_factory):
 @pytest.fixture
 def models(demo_dir, tmp_path):
     """A fresh models folder holding links to the session's tiny checkpoints."""
-    for f in demo_dir.iterdir():
-        os.symlink(f, tmp_path / f.name)
-    return tmp_path
+    return link_files(demo_dir, tmp_path)
+
+
+def link_files(source, folder):
+    """`folder` with a link to every file of `source` (a fresh models folder over shared files)."""
+    for f in source.iterdir():
+        os.symlink(f, folder / f.name)
+    return folder
 
 
 @pytest.fixture(scope="module")

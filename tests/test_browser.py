@@ -18,7 +18,7 @@ import pytest
 from astolfo_merge.checkpoint import read_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress, wait_http
+from browser_helpers import CHROMIUM, free_port, sha256, launch, pick, progress, wait_http, stop
 ARTIFACTS = ROOT / "test-artifacts"
 SLOW_KEYS = "ASTOLFO_TEST_SLOW_KEYS"   # engine.run_merge's test-only per-key delay (seconds)
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
@@ -50,11 +50,7 @@ def app(request, tmp_path):
         # The test calls ready() once its browser is up: both start at the same time.
         yield {"url": url, "models": models, "env": env, "ready": lambda: wait_http(url, proc)}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ policy, and GGUF / NVFP4 / other quantized formats refused by name.
 The differential tests compare every merged key, bit for bit, with the method run in memory on the
 inputs dequantized here (from the safetensors library's reading of the files), cast once."""
 import json
-import os
 import struct
 from fractions import Fraction
 
@@ -25,7 +24,7 @@ from astolfo_merge.plan import build_plan
 from astolfo_merge.recipe import parse_recipe
 from astolfo_merge.repair import repair_file
 from astolfo_merge.ui_state import recipe_doc, state_from_recipe
-from conftest import TEST_SCALE, load
+from conftest import link_files, TEST_SCALE, load
 from test_cli import cli
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -89,9 +88,7 @@ def fp8_dir(tmp_path_factory):
 @pytest.fixture
 def folder(fp8_dir, tmp_path):
     """A fresh models folder holding links to the module's fp8 files."""
-    for f in fp8_dir.iterdir():
-        os.symlink(f, tmp_path / f.name)
-    return tmp_path
+    return link_files(fp8_dir, tmp_path)
 
 
 def merge(folder, doc, name="out.safetensors", **opts):

@@ -20,23 +20,17 @@ import torch
 
 from astolfo_merge import trials
 from astolfo_merge.host import StandaloneHost, scan_checkpoints
-from webui_fakes import KINDS, REAL, ROOT, FakeWebui, p_object
+from webui_fakes import KINDS, REAL, ROOT, FakeWebui, installed, p_object
 
 
 @pytest.fixture(params=KINDS)
 def host(request, models, tmp_path, monkeypatch):
-    fake = FakeWebui(request.param, models, tmp_path, monkeypatch)
-    glue = fake.install()
-    yield fake, glue
-    fake.close()
+    yield from installed(request.param, models, tmp_path, monkeypatch)
 
 
 @pytest.fixture
 def webui_classic(models, tmp_path, monkeypatch):
-    fake = FakeWebui("classic", models, tmp_path, monkeypatch)
-    glue = fake.install()
-    yield fake, glue
-    fake.close()
+    yield from installed("classic", models, tmp_path, monkeypatch)
 
 
 def public(obj) -> set:

@@ -23,16 +23,13 @@ import torch
 from astolfo_merge import trials
 from astolfo_merge.checkpoint import read_header
 from conftest import load
-from webui_fakes import ROOT, FakeWebui, p_object
+from webui_fakes import ROOT, installed, p_object
 
 
 @pytest.fixture
 def webui(models, tmp_path, monkeypatch):
     """A fake A1111 whose checkpoint folder is the tests' `models` folder; returns (fake host, glue module)."""
-    fake = FakeWebui("a1111", models, tmp_path, monkeypatch)
-    glue = fake.install()
-    yield fake, glue
-    fake.close()
+    yield from installed("a1111", models, tmp_path, monkeypatch)
 
 
 def test_the_script_registers_the_tab_the_settings_and_the_xyz_hook(webui):

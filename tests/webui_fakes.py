@@ -387,3 +387,13 @@ class FakeWebui:
 def p_object():
     """The `p` (processing) object an XYZ axis gets."""
     return types.SimpleNamespace(override_settings={})
+
+
+def installed(kind, models, tmp_path, monkeypatch):
+    """Fixture body: a fake `kind` host over `models` with the glue installed; yields (fake host, glue)."""
+    fake = FakeWebui(kind, models, tmp_path, monkeypatch)
+    glue = fake.install()
+    try:
+        yield fake, glue
+    finally:
+        fake.close()
