@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import socket
 import sys
 import tempfile
 import traceback
@@ -27,8 +28,9 @@ from .errors import AstolfoError, Cancelled, OptionError
 from .executors import WORKER_MODULE, OrderedHasher, WorkerError, pack_error, unpack_error, usable_cores
 from .tasks import cut_tasks
 
-RAY_MISSING = "Ray is not installed: pip install 'ray[default]'"
+RAY_MISSING = "Ray is not installed (needed for --ray): pip install ray==2.60.0"
 LOCAL = ("", "local")
+CONNECT_S = 5.0      # how long an ADDRESS may take to accept a TCP connection before we give up
 POLL_S = 0.1
 SETTLE_S = 10.0      # after a failure or cancel: how long to wait for cancelled tasks to stop
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,29 +86,83 @@ def _ray_without_pydantic_v1():
 def ray_session(address):
     """Ray connected for one merge: the running one when this process already has Ray up (a test,
     a host that manages Ray); a local Ray with this machine's cores for "" / "local"; else the
-    cluster at `address`. What this started is shut down afterwards."""
+    cluster at `address` ("auto": the cluster this node belongs to). What this started is shut down
+    afterwards."""
     ray = require_ray()
     if ray.is_initialized():
         yield ray
         return
-    try:
-        if address in LOCAL:
+    if address in LOCAL:
+        try:
             start_local(ray, usable_cores())
-        else:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise OptionError("--ray", f"cannot connect to Ray at {address!r}: {exc}") from None
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise OptionError("--ray", f"cannot start a local Ray: {_first_line(exc)}") from None
+    else:
+        connect(ray, address)
     try:
         yield ray
     finally:
         ray.shutdown()
 
 
+def connect(ray, address: str):
+    """ray.init on a running cluster, or one OptionError saying why not. A HOST:PORT nobody answers
+    on is refused within CONNECT_S (Ray itself retries for minutes); a cluster with token
+    authentication (what `ray start` sets up by default) rejects a driver that does not send its token."""
+    if address != "auto":
+        _reachable(address)
+    try:
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        if _caused_by(exc, "AuthenticationError", "InvalidAuthToken"):
+            raise OptionError("--ray", f"the Ray cluster at {address} refused this process: it uses token "
+                                       "authentication; set RAY_AUTH_MODE=token, with the cluster's token in "
+                                       "~/.ray/auth_token or RAY_AUTH_TOKEN") from None
+        raise OptionError("--ray", f"cannot connect to Ray at {address}: {_first_line(exc)}") from None
+
+
+def _reachable(address: str):
+    """HOST:PORT (or ray://HOST:PORT) accepts a TCP connection, else one OptionError naming it."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise OptionError("--ray", f"{address!r} is not a Ray address: give HOST:PORT (the head node's "
+                                   "`ray start --head --port`), 'auto', or nothing for a local Ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_S).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise OptionError("--ray", f"cannot reach Ray at {address} ({why}): is `ray start --head "
+                                   f"--port {port}` running there, and the port open from this machine?") from None
+
+
+def _caused_by(exc: BaseException, *needles: str) -> bool:
+    """Whether any exception in `exc`'s chain is named, or says, one of `needles` (Ray passes the
+    GCS client's last error on as text inside a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if any(n == type(exc).__name__ or n in str(exc) for n in needles):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def node_pythonpath() -> list:
+    """What a Ray node's processes need first on PYTHONPATH to run this package's tasks: the folder
+    that hides pydantic v1 (when this environment has it) and the package's root. A local Ray gets
+    it here; a cluster's nodes get it from `PYTHONPATH=... ray start` (README: multi-node)."""
+    return ([HIDE_PYDANTIC] if _pydantic_v1() else []) + [PACKAGE_ROOT]
+
+
 def start_local(ray, num_cpus: int, temp_dir: str | None = None):
     """A local Ray whose processes (and so the tasks) import this package, and do not see pydantic v1."""
-    path = ([HIDE_PYDANTIC] if _pydantic_v1() else []) + [PACKAGE_ROOT]
     before = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(path + ([before] if before else []))
+    os.environ["PYTHONPATH"] = os.pathsep.join(node_pythonpath() + ([before] if before else []))
     try:   # Ray's processes inherit the environment when they start, here
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
                  _temp_dir=temp_dir or os.path.join(tempfile.gettempdir(), "astolfo-ray"))
@@ -176,7 +232,7 @@ def _result(ray, ref, task, plan) -> dict:
     try:
         summary = ray.get(ref)
     except ray.exceptions.RayError as exc:   # the worker died, or Ray lost the task
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = _first_line(exc)
         raise WorkerError(f"Ray task {task.id + 1} (keys {plan.keys[task.first].key} .. "
                           f"{plan.keys[task.stop - 1].key}) failed: {cause}; no output was written") from None
     if "error" in summary:

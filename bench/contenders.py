@@ -1,9 +1,13 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|ours2t|ours2w[32]|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+usage: python bench/contenders.py (ours|ours2t|ours2w|oursauto|oursray[32]|mecha|naive) METHOD OUT IN... [--base B]
+       [--memory-gb X] [--params JSON]
 
 ours = 1 worker (in-process, the library default); ours2t = 2 chunk threads; ours2w = 2 worker
-processes (`--workers 2`); a trailing 32 = fp32 arithmetic (ours32, ours2w32).
+processes (`--workers 2`); oursauto = the CLI's default `--workers 0` (as many worker processes as
+cores and the budget allow); oursray = a local Ray with 2 CPUs started for the merge (`--ray`:
+Ray's start-up and shutdown are inside the time, its processes inside the memory); a trailing 32 =
+fp32 arithmetic (ours32, ours2w32, ...).
 """
 import json
 import os
@@ -13,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None):
     from astolfo_merge.engine import RunOptions, run_merge
     from astolfo_merge.plan import build_plan
     from astolfo_merge.recipe import parse_recipe
@@ -21,8 +25,8 @@ def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, wor
     if base:
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
-    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
-                                   workers=workers))
+    return run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
+                                   workers=workers, ray=ray))
 
 
 def mecha(method, out, inputs, base, memory_gb, params, precision):
@@ -87,5 +91,11 @@ if __name__ == "__main__":
         who, extra = "ours", {"threads": 2}
     if who == "ours2w":     # ours on two worker processes
         who, extra = "ours", {"workers": 2}
-    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision, **extra)
-    print(f"{who} {method} done in {time.time() - t:.1f} s")
+    if who == "oursauto":   # the CLI's default: --workers 0
+        who, extra = "ours", {"workers": 0}
+    if who == "oursray":    # a local Ray (this machine's 2 CPUs), started and stopped by the merge
+        who, extra = "ours", {"ray": "local"}
+    result = {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
+                                                                  **extra)
+    sha = f", sha256 {result.sha256}" if result is not None else ""   # the bench compares ours' bytes across executors
+    print(f"{who} {method} done in {time.time() - t:.1f} s{sha}")
