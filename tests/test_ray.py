@@ -117,6 +117,12 @@ def test_in_process_and_ray_write_the_same_bytes(models, tmp_path, local_ray):
     assert ray.is_initialized()          # a Ray the merge did not start is left running
 
 
+def test_a_local_rays_tasks_run_at_normal_priority_as_worker_processes_do(local_ray):
+    """Ray renices its workers to 15 by default; start_local asks for 0 (a merge must not crawl
+    behind every other process of a busy machine)."""
+    assert ray.get(ray.remote(num_cpus=1)(lambda: os.nice(0)).remote()) == os.nice(0)
+
+
 def test_an_input_truncated_before_the_tasks_read_it_fails_naming_it_and_leaves_nothing(copies, tmp_path, local_ray,  # noqa: F811
                                                                                         monkeypatch):
     victim = copies / "sd1-b.safetensors"
