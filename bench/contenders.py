@@ -17,11 +17,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail"):
     from astolfo_merge.engine import RunOptions, run_merge
     from astolfo_merge.plan import build_plan
     from astolfo_merge.recipe import parse_recipe
-    doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16"}
+    doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16",
+           "nonfinite": nonfinite}
     if base:
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
@@ -29,7 +30,7 @@ def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, wor
                                    workers=workers, ray=ray))
 
 
-def mecha(method, out, inputs, base, memory_gb, params, precision):
+def mecha(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
     import torch
     import sd_mecha
     models = [sd_mecha.model(p) for p in inputs]
@@ -54,7 +55,7 @@ def mecha(method, out, inputs, base, memory_gb, params, precision):
                    check_finite_output=False)
 
 
-def naive(method, out, inputs, base, memory_gb, params, precision):
+def naive(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
     """Load every model whole, average in fp32, save: what notebooks do."""
     from safetensors.torch import load_file, save_file
     sds = [load_file(p) for p in inputs]
@@ -70,7 +71,7 @@ def naive(method, out, inputs, base, memory_gb, params, precision):
 if __name__ == "__main__":
     args = sys.argv[1:]
     who, method, out = args[:3]
-    rest, base, memory_gb, params, precision = [], None, 1.5, {}, "fp64"
+    rest, base, memory_gb, params, precision, nonfinite = [], None, 1.5, {}, "fp64", "fail"
     it = iter(args[3:])
     for a in it:
         if a == "--base":
@@ -81,6 +82,8 @@ if __name__ == "__main__":
             params = json.loads(next(it))
         elif a == "--precision":
             precision = next(it)
+        elif a == "--nonfinite":     # ours only: what to write where fp16 overflows (the peers write it as is)
+            nonfinite = next(it)
         else:
             rest.append(a)
     t = time.time()
@@ -96,6 +99,6 @@ if __name__ == "__main__":
     if who == "oursray":    # a local Ray (this machine's 2 CPUs), started and stopped by the merge
         who, extra = "ours", {"ray": "local"}
     result = {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
-                                                                  **extra)
+                                                                  nonfinite=nonfinite, **extra)
     sha = f", sha256 {result.sha256}" if result is not None else ""   # the bench compares ours' bytes across executors
     print(f"{who} {method} done in {time.time() - t:.1f} s{sha}")
