@@ -67,7 +67,7 @@ def cmd_merge(args):
     plan = build_plan(recipe, args.models_dir, args.output)
     options = RunOptions(device=args.device, threads=args.threads, memory_gb=args.memory_gb,
                          overwrite=args.overwrite, hash_inputs=not args.no_hash, workers=args.workers,
-                         throttle=args.throttle)
+                         throttle=args.throttle, ray=args.ray)
     print(f"merging {len(recipe.pool)} model(s) with {recipe.method} ({plan.arch}, {len(plan.keys)} keys) -> {plan.output}",
           file=sys.stderr)
     for line in plan.log:
@@ -168,6 +168,9 @@ def build_parser():
                    help="chunk worker threads (0 = auto = 1; more only pays off where ops are not GIL-bound)")
     m.add_argument("--workers", type=_workers, default=0, metavar="N",
                    help="1 = in this process; N > 1 = N worker processes; 0 = auto (cores and --memory-gb allow)")
+    m.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the tasks on Ray: the cluster at ADDRESS (e.g. HEAD:6379; inputs and output on a path "
+                        "every node sees), or without ADDRESS a local Ray using this machine's cores")
     m.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     m.add_argument("--throttle", type=throttle_arg, default=0.0, metavar="SECONDS",
                    help=THROTTLE_HELP)

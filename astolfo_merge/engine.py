@@ -34,6 +34,7 @@ from .methods.shapes import row_spans
 from .plan import GIB, OVERHEAD_BYTES, KeyPlan, Plan, key_seed, refuse_input_as_output
 from .stage_run import Bindings, run_whole_stage
 from .stages import OUTPUT, TEMP
+from .ray_executor import ray_session, require_ray, run_on_ray
 from .strict_json import loads as strict_loads
 from .stream import REWIND, arange_ids, stored_chunks, write_chunks, write_file
 from .workers import ChunkWorkers, auto_workers
@@ -57,6 +58,7 @@ class RunOptions:
     throttle: float = 0.0            # seconds to pause after each key, in every worker: a merge that leaves a
                                      # shared disk and CPU to others; front ends' --throttle (tests use it to
                                      # watch progress and cancel on tiny models)
+    ray: str | None = None           # None: no Ray; "" or "local": a local Ray for the merge; else a cluster address
 
     def __post_init__(self):   # every front end (CLI, tab, app, scripts) builds these: refuse NaN / inf / <= 0 here
         self.memory_gb = check_memory_gb(self.memory_gb)
@@ -392,7 +394,10 @@ def run_merge(plan: Plan, options: RunOptions | None = None, progress: Callable[
     device = torch.device(options.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError("device", "CUDA was asked for but torch sees no CUDA device")
-    _process_count(plan, options)     # a bad worker count or budget is refused before any work
+    if options.ray is not None:
+        require_ray()                 # before any work: one line saying what to install
+    else:
+        _process_count(plan, options)     # a bad worker count or budget is refused before any work
     stats = input_stats(plan)
     run = _Pipeline(plan, options, progress, cancel, device)
     try:
@@ -473,6 +478,8 @@ class _Pipeline:
                                    output=output, recipe=recipe, stages=[])
 
     def _crew(self, sub: Plan):
+        if self.options.ray is not None:
+            return None
         count = _process_count(sub, self.options)
         return Crew(count) if count else None
 
@@ -491,7 +498,11 @@ class _Pipeline:
         crew, self.crew = (self.crew or self._crew(sub)), None
         tally = report.tally
         try:
-            if crew is not None:
+            if options.ray is not None:
+                setup = {"plan": sub, "results": self.results, "dtype": self.dtype, "device": options.device,
+                         "chunk_bytes": self.chunk_bytes, "throttle": options.throttle}
+                sha = _run_on_ray(sub, setup, meta, options, tally, self.cancel, self.log)
+            elif crew is not None:
                 setup = {"plan": sub, "results": self.results, "dtype": self.dtype, "device": options.device,
                          "chunk_bytes": max(16 << 20, self.chunk_bytes // len(crew.workers)), "throttle": options.throttle}
                 sha = _run_in_workers(sub, crew, setup, meta, options, tally, self.cancel, self.log)
@@ -619,6 +630,24 @@ def _run_in_workers(plan, crew, setup, meta, options, tally, cancel, log) -> str
 def _write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):
     """Write one key into `writer` (a worker process's range writer; this process uses `_run_here`)."""
     write_chunks(writer, kp.key, _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool))
+
+
+def _run_on_ray(plan, setup, meta, options, tally, cancel, log) -> str:
+    """The keys as Ray tasks writing into the preallocated temp output (ray_executor.py)."""
+    done = 0
+
+    def on_key(index):
+        nonlocal done
+        done += 1
+        tally(plan.keys[index], done)
+
+    with ray_session(options.ray) as ray, SafetensorsWriter(
+            plan.output, [(k.key, k.dtype, k.shape) for k in plan.keys], meta, options.overwrite,
+            positioned=True) as writer:
+        sha, key_log = run_on_ray(ray, plan, writer, setup, on_key, cancel)
+        writer.commit(sha)
+    log.extend(key_log)
+    return sha
 
 
 def _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):

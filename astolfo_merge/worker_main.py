@@ -21,32 +21,45 @@ from .stage_run import Bindings
 from .executors import pack_error, read_frame, send_frame
 
 
+def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop: int, started=None, finished=None):
+    """The per-task code every executor shares (worker processes, Ray): keys plan.keys[first:stop],
+    read from the inputs' paths and written with positioned writes into `ranges` of the temp output
+    `tmp`. `started(index)` / `finished(index, log_lines)` are called around each key."""
+    plan, bound = setup["plan"], Bindings(setup["plan"], setup["results"])
+    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
+    throttle = setup.get("throttle", 0.0)
+    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    writer = None
+    try:
+        writer = RangeWriter(tmp, ranges, dtypes)
+        for index in range(first, stop):
+            if started is not None:
+                started(index)
+            log = []
+            _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
+            if finished is not None:
+                finished(index, log)
+            if throttle:
+                time.sleep(throttle)
+    finally:
+        if writer is not None:
+            writer.close()
+        bound.close()
+        for r in readers:
+            r.close()
+
+
 def serve(inbox, outbox):
     setup = read_frame(inbox)
     if setup is None:
         return
     setup = setup[1]
-    plan, bound = setup["plan"], Bindings(setup["plan"], setup["results"])
-    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
-    throttle = setup.get("throttle", 0.0)
-    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    writer = RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
-    try:
-        while (msg := read_frame(inbox)) is not None and msg[0] == "task":
-            _, task_id, first, stop = msg
-            for index in range(first, stop):
-                send_frame(outbox, ("started", index))
-                log = []
-                _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
-                send_frame(outbox, ("key", index, log))
-                if throttle:
-                    time.sleep(throttle)
-            send_frame(outbox, ("task", task_id))
-    finally:
-        writer.close()
-        bound.close()
-        for r in readers:
-            r.close()
+    started = lambda index: send_frame(outbox, ("started", index))  # noqa: E731
+    finished = lambda index, log: send_frame(outbox, ("key", index, log))  # noqa: E731
+    while (msg := read_frame(inbox)) is not None and msg[0] == "task":
+        _, task_id, first, stop = msg
+        run_keys(setup, setup["tmp"], setup["ranges"], setup["dtypes"], first, stop, started, finished)
+        send_frame(outbox, ("task", task_id))
 
 
 def main():

@@ -1,18 +1,19 @@
-"""n_average of 2/4/8 full-size SD1-shaped fp16 checkpoints: ours (1 worker, 2 worker processes) vs
-sd-mecha vs naive vs the I/O floor.
+"""n_average of 2/4/8 full-size SD1-shaped fp16 checkpoints: ours (1 worker, 2 worker processes,
+`--workers 0`, a local Ray with 2 CPUs; fp64 and fp32) vs sd-mecha vs naive vs the I/O floor.
 
     .venv/bin/python bench/bench_merge.py [--dir /tmp/astolfo-bench] [--sizes 2,4,8] [--scale 1]
 
 Prints wall time and peak private memory (RssAnon) per contender, file-backed RSS separately, and
 the ratios to the I/O floor (reading the inputs once with `cat` + writing/fsyncing one output-sized
-file). Inputs are generated once (base + seeded deltas) and kept in --dir; page cache is warmed
-before each run so every contender reads from memory alike.
+file), and the ratios of each pair in common.PAIRS (2 workers / 1, Ray / 2 workers, ...). Inputs are
+generated once (base + seeded deltas) and kept in --dir; page cache is warmed before each run so
+every contender reads from memory alike.
 """
 import argparse
 import os
 import sys
 
-from common import gib, io_floor, make_inputs, run_measured, save_results, table, warm
+from common import gib, io_floor, make_inputs, print_ratios, run_measured, same_bytes, save_results, table, warm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,7 +23,7 @@ def main():
     ap.add_argument("--dir", default="/tmp/astolfo-bench")
     ap.add_argument("--sizes", default="2,4,8")
     ap.add_argument("--scale", type=int, default=1)
-    ap.add_argument("--contenders", default="ours,ours2w,mecha,naive")
+    ap.add_argument("--contenders", default="ours,ours2w,oursray,ours32,ours2w32,oursray32,mecha,naive")
     ap.add_argument("--memory-gb", type=float, default=1.5)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -50,17 +51,8 @@ def main():
             rows.append({"N": n, "contender": who, "wall s": f"{r['wall']:.1f}", "RssAnon GiB": gib(r["peak_RssAnon"]),
                          "RssFile GiB": gib(r["peak_RssFile"]), "x floor": f"{r['wall'] / floor['floor']:.2f}"})
             print(table(rows[-1:], list(rows[-1])), flush=True)
-        ours = results.get(f"ours-{n}")
-        for one, two in (("ours", "ours2w"), ("ours32", "ours2w32")):
-            a, b = results.get(f"{one}-{n}"), results.get(f"{two}-{n}")
-            if a and b:
-                print(f"N={n}: {two}/{one} (2 workers / 1 worker) time {b['wall'] / a['wall']:.2f}x, "
-                      f"RssAnon (all processes) {b['peak_RssAnon'] / max(1, a['peak_RssAnon']):.2f}x")
-        for other in ("mecha", "naive"):
-            o = results.get(f"{other}-{n}")
-            if ours and o:
-                print(f"N={n}: {other}/ours time {o['wall'] / ours['wall']:.2f}x, "
-                      f"RssAnon {o['peak_RssAnon'] / max(1, ours['peak_RssAnon']):.2f}x")
+        print_ratios(results, f"-{n}", f"N={n}")
+        same_bytes(results, f"-{n}", f"N={n}")
     print()
     print(table(rows, ["N", "contender", "wall s", "x floor", "RssAnon GiB", "RssFile GiB"]))
     save_results("bench_merge", results)

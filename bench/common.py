@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -129,6 +130,37 @@ def table(rows, columns):
     for r in rows:
         lines.append("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
     return "\n".join(lines)
+
+
+# (reference, contender) pairs whose ratios the scripts print: worker processes against one, Ray
+# against worker processes, the peers against ours.
+PAIRS = (("ours", "ours2w"), ("ours", "oursauto"), ("ours2w", "oursray"), ("ours32", "ours2w32"),
+         ("ours32", "oursauto32"), ("ours2w32", "oursray32"), ("ours", "mecha"), ("ours", "naive"))
+
+
+def print_ratios(results, suffix, label):
+    """Time and peak private memory (all of a contender's processes) of each pair in PAIRS that ran;
+    `results` is keyed contender + suffix."""
+    for one, two in PAIRS:
+        a, b = results.get(one + suffix), results.get(two + suffix)
+        if a and b:
+            print(f"{label}: {two}/{one} time {b['wall'] / a['wall']:.2f}x, "
+                  f"RssAnon (all processes) {b['peak_RssAnon'] / max(1, a['peak_RssAnon']):.2f}x", flush=True)
+
+
+def same_bytes(results, suffix, label):
+    """Whether every contender of ours that ran (1 / N workers, Ray, fp64 and fp32 apart) wrote the
+    same bytes: each prints the sha256 of its output."""
+    for fp32 in (False, True):
+        shas = {}
+        for key, r in results.items():
+            who = key[:-len(suffix)]
+            found = re.search(r"sha256 ([0-9a-f]{64})", r.get("tail", ""))
+            if key.endswith(suffix) and who.startswith("ours") and who.endswith("32") == fp32 and found:
+                shas[who] = found.group(1)
+        if len(shas) > 1:
+            verdict = "same bytes" if len(set(shas.values())) == 1 else f"DIFFERENT bytes: {shas}"
+            print(f"{label}: {', '.join(shas)}: {verdict}", flush=True)
 
 
 def gib(v):

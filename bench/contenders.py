@@ -1,9 +1,13 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|ours2t|ours2w[32]|mecha|naive) METHOD OUT IN... [--base B] [--memory-gb X] [--params JSON]
+usage: python bench/contenders.py (ours|ours2t|ours2w|oursauto|oursray[32]|mecha|naive) METHOD OUT IN... [--base B]
+       [--memory-gb X] [--params JSON]
 
 ours = 1 worker (in-process, the library default); ours2t = 2 chunk threads; ours2w = 2 worker
-processes (`--workers 2`); a trailing 32 = fp32 arithmetic (ours32, ours2w32).
+processes (`--workers 2`); oursauto = the CLI's default `--workers 0` (as many worker processes as
+cores and the budget allow); oursray = a local Ray with 2 CPUs started for the merge (`--ray`:
+Ray's start-up and shutdown are inside the time, its processes inside the memory); a trailing 32 =
+fp32 arithmetic (ours32, ours2w32, ...).
 """
 import json
 import os
@@ -13,19 +17,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail"):
     from astolfo_merge.engine import RunOptions, run_merge
     from astolfo_merge.plan import build_plan
     from astolfo_merge.recipe import parse_recipe
-    doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16"}
+    doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16",
+           "nonfinite": nonfinite}
     if base:
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
-    run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
-                                   workers=workers))
+    return run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
+                                   workers=workers, ray=ray))
 
 
-def mecha(method, out, inputs, base, memory_gb, params, precision):
+def mecha(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
     import torch
     import sd_mecha
     models = [sd_mecha.model(p) for p in inputs]
@@ -50,7 +55,7 @@ def mecha(method, out, inputs, base, memory_gb, params, precision):
                    check_finite_output=False)
 
 
-def naive(method, out, inputs, base, memory_gb, params, precision):
+def naive(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
     """Load every model whole, average in fp32, save: what notebooks do."""
     from safetensors.torch import load_file, save_file
     sds = [load_file(p) for p in inputs]
@@ -66,7 +71,7 @@ def naive(method, out, inputs, base, memory_gb, params, precision):
 if __name__ == "__main__":
     args = sys.argv[1:]
     who, method, out = args[:3]
-    rest, base, memory_gb, params, precision = [], None, 1.5, {}, "fp64"
+    rest, base, memory_gb, params, precision, nonfinite = [], None, 1.5, {}, "fp64", "fail"
     it = iter(args[3:])
     for a in it:
         if a == "--base":
@@ -77,6 +82,8 @@ if __name__ == "__main__":
             params = json.loads(next(it))
         elif a == "--precision":
             precision = next(it)
+        elif a == "--nonfinite":     # ours only: what to write where fp16 overflows (the peers write it as is)
+            nonfinite = next(it)
         else:
             rest.append(a)
     t = time.time()
@@ -87,5 +94,11 @@ if __name__ == "__main__":
         who, extra = "ours", {"threads": 2}
     if who == "ours2w":     # ours on two worker processes
         who, extra = "ours", {"workers": 2}
-    {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision, **extra)
-    print(f"{who} {method} done in {time.time() - t:.1f} s")
+    if who == "oursauto":   # the CLI's default: --workers 0
+        who, extra = "ours", {"workers": 0}
+    if who == "oursray":    # a local Ray (this machine's 2 CPUs), started and stopped by the merge
+        who, extra = "ours", {"ray": "local"}
+    result = {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
+                                                                  nonfinite=nonfinite, **extra)
+    sha = f", sha256 {result.sha256}" if result is not None else ""   # the bench compares ours' bytes across executors
+    print(f"{who} {method} done in {time.time() - t:.1f} s{sha}")

@@ -308,10 +308,13 @@ def kth_value(values: np.ndarray, j: int) -> float:
         values.partition(j - 1)
         return float(values[j - 1])
     s = SELECT_SAMPLE
-    sample = np.sort(values[np.random.default_rng(n).integers(0, n, s)])
+    sample = values[np.random.default_rng(n).integers(0, n, s)]
     q = (j - 0.5) / n
     margin = 6.0 * math.sqrt(s * q * (1.0 - q)) + 16.0
     lo_i, hi_i = int(q * s - margin), int(q * s + margin)
+    ranks = [i for i in (lo_i, hi_i) if 0 < i < s - 1]
+    if ranks:                            # the two order statistics only: a partition, not a sort
+        sample.partition(ranks)
     lo = sample[lo_i] if lo_i > 0 else -np.inf
     hi = sample[hi_i] if hi_i < s - 1 else np.inf
     below, inside, gathered, cap = 0, [], 0, n // 16     # the gathered values stay within numel/2 bytes

@@ -30,22 +30,45 @@ FTOL_HELP = "stop when the objective changes by at most ftol × objective (1e-20
 def weiszfeld_direct(points, eps: float, maxiter: int, ftol: float):
     """The golden form, operation for operation as sd-mecha 1.1.8 `geometric_median` (itself
     krishnap25/geom_median with unit weights): start at the mean, reweight by 1/max(d, eps), stop on
-    |Δobjective| ≤ ftol·objective. `points`: the N tensors. Returns (median, iterations run)."""
+    |Δobjective| ≤ ftol·objective. `points`: the N tensors. Returns (median, iterations run).
+
+    The same elementwise operations in the same order give the same bits, so two of sd-mecha's
+    three passes per iteration are skipped: the distances that start an iteration are those the
+    previous objective was computed from, and the median returned is the last one computed (same
+    weights). The sums run in place in buffers made once (`0 + a` as `a + 0`, which also turns −0
+    into +0; `torch.dist` is `norm(x − m)`), so no pass allocates and faults in fresh pages."""
     points = list(points)
     ones = torch.ones(len(points), dtype=points[0].dtype, device=points[0].device)
     weights = ones
-    median = sum(points) / len(points)
-    objective = torch.mean(torch.stack([torch.dist(x, median) for x in points]) * ones)
+    median, scratch = torch.empty_like(points[0]), torch.empty_like(points[0])
+
+    def weighted_sum(coeffs):           # sum(x * coeffs[i] for i, x in enumerate(points)), in place
+        torch.mul(points[0], coeffs[0], out=median).add_(0)
+        for i in range(1, len(points)):
+            median.add_(torch.mul(points[i], coeffs[i], out=scratch))
+        return median
+
+    def distances():                    # torch.stack([torch.dist(x, median) for x in points])
+        return torch.stack([torch.norm(torch.sub(x, median, out=scratch)) for x in points])
+
+    torch.add(points[0], 0, out=median)
+    for x in points[1:]:
+        median.add_(x)
+    median.div_(len(points))            # sum(points) / len(points)
+    dist = distances()
+    objective = torch.mean(dist * ones)
     done = 0
     for done in range(1, max(0, maxiter) + 1):
         previous = objective
-        dist = torch.stack([torch.dist(x, median) for x in points])
         weights = ones / torch.clamp(dist, min=eps)
-        median = sum(x * weights[i] for i, x in enumerate(points)) / sum(weights)
-        objective = torch.mean(torch.stack([torch.dist(x, median) for x in points]) * ones)
+        weighted_sum(weights).div_(sum(weights))
+        dist = distances()
+        objective = torch.mean(dist * ones)
         if abs(previous - objective) <= ftol * objective:
             break
-    return sum(x * weights[i] for i, x in enumerate(points)) / sum(weights), done
+    if done == 0:      # no iteration: sd-mecha's final weighted sum, with unit weights
+        weighted_sum(weights).div_(sum(weights))
+    return median, done
 
 
 def weiszfeld_gram(gram: torch.Tensor, eps: float, maxiter: int, ftol: float):
