@@ -397,3 +397,36 @@ def installed(kind, models, tmp_path, monkeypatch):
         yield fake, glue
     finally:
         fake.close()
+
+
+# -- extensions-builtin/Lora/networks.py (A1111 v1.10.1): how the built-in LoRA patches a layer's weights --
+
+def lora_network(name, updown, multiplier=1.0):
+    """One loaded network as networks.py sees it for one layer: (name, multipliers, dim) and its delta."""
+    return types.SimpleNamespace(name=name, te_multiplier=multiplier, unet_multiplier=multiplier, dyn_dim=None,
+                                 updown=updown)
+
+
+def network_apply_weights(layer, loaded_networks):
+    """networks.network_apply_weights for a Linear/Conv layer (lines 411-475 at v1.10.1): back up the
+    weights the first time any network is wanted, restore the backup whenever the wanted set differs
+    from `network_current_names`, then add each network's delta."""
+    import torch
+    current = getattr(layer, "network_current_names", ())
+    wanted = tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in loaded_networks)
+    backup = getattr(layer, "network_weights_backup", None)
+    if backup is None and wanted != ():
+        if current != ():
+            raise RuntimeError("no backup weights found and current weights are not unchanged")
+        layer.network_weights_backup = layer.weight.to("cpu", copy=True)
+    if getattr(layer, "network_bias_backup", None) is None and wanted != ():
+        layer.network_bias_backup = None if layer.bias is None else layer.bias.to("cpu", copy=True)
+    if current != wanted:
+        with torch.no_grad():       # network_restore_weights_from_backup
+            if getattr(layer, "network_weights_backup", None) is not None:
+                layer.weight.copy_(layer.network_weights_backup)
+            if getattr(layer, "network_bias_backup", None) is not None:
+                layer.bias.copy_(layer.network_bias_backup)
+            for net in loaded_networks:
+                layer.weight.copy_((layer.weight.to(net.updown.dtype) + net.updown).to(layer.weight.dtype))
+        layer.network_current_names = wanted
