@@ -32,7 +32,7 @@ from . import arch as archmod
 from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter
 from .engine import (MergeResult, NonFiniteInput, Progress, RunOptions, _prepare_methods, _produce, _without,
                      one_torch_thread, output_metadata)
-from .errors import AstolfoError, Cancelled, MergeKeyError, RecipeError
+from .errors import AstolfoError, Cancelled, MergeKeyError
 from .plan import GIB, KeyPlan, Plan, load_source
 from .workers import ChunkWorkers
 

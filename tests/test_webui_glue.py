@@ -44,7 +44,8 @@ def test_settings_cover_output_folder_threads_memory_device_and_precision(webui)
     ns.callbacks["ui_settings"][0]()
     added = ns.shared.opts.added
     assert set(added) == {"astolfo_merge_output_dir", "astolfo_merge_threads", "astolfo_merge_memory_gb",
-                          "astolfo_merge_device", "astolfo_merge_precision"}
+                          "astolfo_merge_device", "astolfo_merge_precision", "astolfo_merge_xyz_target"}
+    assert added["astolfo_merge_xyz_target"].default == "loaded model"
     assert all(info.section == ("astolfo_merge", "AstolfoMerge") for info in added.values())
     ns.shared.opts.astolfo_merge_memory_gb = 3.0
     ns.shared.opts.astolfo_merge_threads = 4

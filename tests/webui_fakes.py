@@ -250,7 +250,13 @@ class FakeWebui:
 
     def _load(self, info):
         self.loads.append(info.filename)
-        self.sd.model_data.sd_model = types.SimpleNamespace(filename=info.filename, sd_checkpoint_info=info)
+        if self.kind == "a1111":      # ldm's LatentDiffusion: a torch module holding the checkpoint's tensors
+            model = sd_model_from(info.filename)
+            model.sd_checkpoint_info, model.sd_model_checkpoint = info, info.filename
+        else:                         # Forge's ForgeDiffusionEngine: weights in model patchers
+            model = types.SimpleNamespace(filename=info.filename, sd_checkpoint_info=info,
+                                          forge_objects=types.SimpleNamespace(unet=None, clip=None, vae=None))
+        self.sd.model_data.sd_model = model
 
     def _sd_models(self):
         sd = types.ModuleType("modules.sd_models")
@@ -333,7 +339,7 @@ class FakeWebui:
     # -- installing it ------------------------------------------------------------------------------
     def modules(self) -> dict:
         events = ("ui_tabs", "ui_settings", "before_ui", "app_started", "script_unloaded")
-        xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
+        xyz_class = self.xyz_class = type("Script", (), {"__module__": "xyz_grid.py", "run": xyz_run})
         found = {
             "modules": types.ModuleType("modules"),
             "modules.script_callbacks": types.SimpleNamespace(**{
@@ -382,6 +388,43 @@ class FakeWebui:
         manager.cancel()
         for job in manager.jobs():
             job.done_event.wait(10)
+
+
+def sd_model_from(path, dtype=None):
+    """A torch module whose state_dict holds the checkpoint's tensors in fp32 (--no-half), named as the
+    WebUI names them after its text-encoder hijack (modules/sd_hijack.py, sd_hijack_clip.py):
+    `cond_stage_model.wrapped.…` and `token_embedding.wrapped.weight`."""
+    import torch
+    from safetensors.torch import load_file
+    root = torch.nn.Module()
+    for key, value in load_file(str(path)).items():
+        name = key.replace("cond_stage_model.transformer.", "cond_stage_model.wrapped.transformer.", 1)
+        name = name.replace(".token_embedding.weight", ".token_embedding.wrapped.weight")
+        *path_parts, leaf = name.split(".")
+        module = root
+        for part in path_parts:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        if value.is_floating_point():
+            module.register_parameter(leaf, torch.nn.Parameter(value.to(dtype or torch.float32), requires_grad=False))
+        else:
+            module.register_buffer(leaf, value)
+    return root
+
+
+def xyz_run(self, p, axis, values):
+    """The X/Y/Z script's run, reduced to one axis: confirm, then per cell a copy of `p`, the axis'
+    apply, and the "image" (what the model is named and holds then)."""
+    import copy
+    if axis.confirm:
+        axis.confirm(p, values)
+    cells = []
+    for value in values:
+        cell = copy.deepcopy(p)
+        axis.apply(cell, value, values)
+        cells.append(self.generate(cell))
+    return cells
 
 
 def p_object():
