@@ -398,6 +398,25 @@ def _saved_value(plan, kp, tensors, own, reader, log) -> torch.Tensor:
     return torch.cat([c.reshape((-1,) + tuple(kp.shape[1:])) for c in chunks]).reshape(kp.shape) if kp.shape else chunks[0]
 
 
+def describe(target: LiveTarget, digests: bool = False) -> dict:
+    """What the loaded model holds: its checkpoint, the live merge's label and recipe hash, how many
+    keys differ from the file; with `digests`, the sha256 of every tensor's bytes as fp32 (so a caller
+    can check the weights against a file without trusting this process's bookkeeping)."""
+    with _LOCK:
+        state = current_state(target)
+        out = {"checkpoint": state.checkpoint, "label": state.label, "recipe_sha256": state.recipe_hash,
+               "merged_keys": len(state.merged), "complete": state.complete}
+        if digests:
+            out["digests"] = {key: tensor_digest(t) for key, t in sorted(target.tensors().items())}
+        return out
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of `t` as contiguous little-endian fp32 bytes (integers: int64)."""
+    wide = t.detach().to("cpu", torch.float32 if t.is_floating_point() else torch.int64).contiguous()
+    return hashlib.sha256(wide.numpy().tobytes()).hexdigest()
+
+
 def state_dict_target_keys(names) -> dict:
     """Model parameter name -> canonical checkpoint key, for models whose modules wrap others under a
     `wrapped` attribute (the WebUI's text-encoder hijack: `cond_stage_model.wrapped.transformer…`,

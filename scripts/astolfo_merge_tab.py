@@ -509,6 +509,26 @@ def add_xyz_axes():
             print(f"AstolfoMerge: X/Y/Z axis {title!r} not added: {exc}", file=sys.stderr)
 
 
+# -- a read-only API route: what the loaded model holds (tests and tools check live merges with it) ---
+
+LOADED_MODEL_ROUTE = "/astolfo-merge/v1/loaded-model"
+
+
+def loaded_model_info(digests: bool = False) -> dict:
+    try:
+        target = live_target()
+    except merger_live.LiveError as exc:
+        return {"supported": False, "reason": str(exc)}
+    return {"supported": True, **merger_live.describe(target, digests)}
+
+
+def on_app_started(demo, app):
+    if app is not None and hasattr(app, "add_api_route"):
+        app.add_api_route(LOADED_MODEL_ROUTE, loaded_model_info, methods=["GET"])
+
+
 script_callbacks.on_ui_tabs(on_ui_tabs)
+if hasattr(script_callbacks, "on_app_started"):
+    script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(add_xyz_axes)

@@ -189,3 +189,21 @@ def test_the_merge_target_is_offered_only_where_a_model_is_loaded(a1111, models)
     assert not standalone.target.visible
     message = standalone.on_merge_to(TO_MODEL, *([None] * 3))[0]
     assert "needs the WebUI" in message
+
+
+def test_the_loaded_model_route_reports_what_the_model_holds(a1111):
+    fake, glue = a1111
+    routes = {}
+    app = type("App", (), {"add_api_route": lambda self, path, fn, methods: routes.update({path: fn})})()
+    fake.callbacks["app_started"][0](None, app)
+    route = routes[glue.LOADED_MODEL_ROUTE]
+    assert route() == {"supported": False, "reason": route()["reason"]} and "no model" in route()["reason"]
+    load_a(fake, glue)
+    glue.HOST.merge_live(trials.live_plan(glue.HOST, trials.with_alpha(trials.parse_recipe(TEMPLATE), 0.5)),
+                         glue.HOST.run_options())
+    info = route(digests=True)
+    assert info["supported"] and info["label"].startswith("[Merger]") and info["merged_keys"] > 0
+    file = {k: live.tensor_digest(v.float() if v.is_floating_point() else v) for k, v in load(fake.models / LOADED).items()}
+    assert 0 < sum(info["digests"][k] != d for k, d in file.items()) <= info["merged_keys"]   # equal inputs: equal
+    glue.HOST.restore_live()
+    assert route(digests=True)["digests"] == file and route()["label"] == ""
