@@ -30,9 +30,11 @@ import torch
 
 from . import arch as archmod
 from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter
-from .engine import (MergeResult, NonFiniteInput, Progress, RunOptions, _prepare_methods, _produce, _without,
-                     one_torch_thread, output_metadata)
+from .engine import (MergeResult, NonFiniteInput, Progress, RunOptions, _prepare_methods, _produce, _shippable,
+                     _without, one_torch_thread, output_metadata)
 from .errors import AstolfoError, Cancelled, MergeKeyError
+from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count
+from .live_workers import ChunkRun, sub_plan
 from .plan import GIB, KeyPlan, Plan, load_source
 from .workers import ChunkWorkers
 
@@ -302,13 +304,30 @@ def _merge_into(target, plan, options, progress, cancel) -> LiveResult:
                       label=state.label)
 
 
+def _process_count(plan: Plan, write: list, tensors: dict, options: RunOptions) -> int:
+    """Worker processes for the keys to write, as RunOptions.workers says (1: this process; 0: one per
+    core the budget allows); 0 also for LoRA/Fermat stages and tensors not laid out flat."""
+    if any(kp.pre or kp.post for kp in write) or not all(tensors[kp.key].is_contiguous() for kp in write):
+        return 0
+    sub = sub_plan(plan, write)
+    count = options.workers or auto_process_count(int(options.memory_gb * GIB), sub.output_bytes,
+                                                  sub.peak_bytes(WORKER_CHUNK_BYTES))
+    return count if count > 1 else 0
+
+
 def _write_keys(plan, write, wanted, state, tensors, report, options, device, dtype, chunk_bytes, log, cancel):
     if not write:
         return
+    processes = _process_count(plan, write, tensors, options)
+    crew = Crew(processes) if processes else None   # started first: the interpreters import torch meanwhile
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     pool = ChunkWorkers(options.threads or 1)
     try:
         states = _prepare_methods(plan, readers, log, lambda message: report(message=message), cancel)
+        if crew is not None and _shippable(plan, states, log):
+            _write_in_workers(plan, write, wanted, state, tensors, report, options, dtype, chunk_bytes, log, cancel,
+                              states, crew)
+            return
         for kp in write:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
@@ -320,9 +339,29 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
             state.merged[kp.key] = wanted[kp.key][1]
             report.tally(kp.key, math.prod(kp.shape) * kp.dtype.itemsize)
     finally:
+        if crew is not None:
+            crew.close()
         pool.close()
         for r in readers:
             r.close()
+
+
+def _write_in_workers(plan, write, wanted, state, tensors, report, options, dtype, chunk_bytes, log, cancel, states,
+                      crew):
+    """The keys on worker processes, their chunks copied into the model as they arrive (live_workers.py)."""
+    sub = sub_plan(plan, write)
+    sizes = {kp.key: math.prod(kp.shape) * kp.dtype.itemsize for kp in write}
+
+    def started(key):
+        state.merged[key] = PARTIAL
+
+    def done(key):
+        state.merged[key] = wanted[key][1]
+        report.tally(key, sizes[key])
+
+    setup = {"plan": sub, "states": states, "dtype": dtype, "device": options.device,
+             "chunk_bytes": max(16 << 20, chunk_bytes // len(crew.workers))}
+    log.extend(ChunkRun(sub, setup, crew, tensors, started, done, cancel).run())
 
 
 def _settle(state: LiveState, target: LiveTarget):

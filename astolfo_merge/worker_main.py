@@ -19,6 +19,39 @@ from .engine import _write_key
 from .executors import pack_error, read_frame, send_frame
 
 
+class ChunkSender:
+    """A writer that sends a key's chunks to the parent ("chunk", key, dtype, bytes) instead of writing
+    a file, gathered into frames of about FRAME_BYTES (methods produce cache-sized chunks; a frame
+    each would cost more in pickling than in arithmetic); "rewind" when a key starts over."""
+
+    FRAME_BYTES = 8 << 20
+
+    def __init__(self, outbox):
+        self.outbox, self.key, self.dtype, self.parts, self.size = outbox, None, None, [], 0
+
+    def write(self, key, chunk: torch.Tensor):
+        if key != self.key:
+            self.flush()
+            self.key, self.dtype = key, str(chunk.dtype).replace("torch.", "")
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= self.FRAME_BYTES:
+            self.flush()
+
+    def flush(self):
+        if self.parts:
+            send_frame(self.outbox, ("chunk", self.key, self.dtype, b"".join(self.parts)))
+        self.parts, self.size = [], 0
+
+    def rewind(self, key):
+        self.parts, self.size = [], 0
+        send_frame(self.outbox, ("rewind", key))
+
+    def close(self):
+        self.flush()
+
+
 def serve(inbox, outbox):
     setup = read_frame(inbox)
     if setup is None:
@@ -28,7 +61,8 @@ def serve(inbox, outbox):
     dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
     delay = setup.get("test_delay", 0.0)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    writer = RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
+    # live merges (live_workers.py) take the chunks back over the pipe; file merges get positioned writes
+    writer = ChunkSender(outbox) if setup.get("send_chunks") else RangeWriter(setup["tmp"], setup["ranges"], setup["dtypes"])
     try:
         while (msg := read_frame(inbox)) is not None and msg[0] == "task":
             _, task_id, first, stop = msg
@@ -36,6 +70,8 @@ def serve(inbox, outbox):
                 send_frame(outbox, ("started", index))
                 log = []
                 _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, states)
+                if hasattr(writer, "flush"):
+                    writer.flush()
                 send_frame(outbox, ("key", index, log))
                 if delay:
                     time.sleep(delay)

@@ -207,3 +207,11 @@ def test_unwrapped_names_of_the_webui_text_encoder_hijack():
              "model.diffusion_model.out.2.weight"]
     assert live.state_dict_target_keys(names) == {
         names[0]: "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", names[1]: names[1]}
+
+
+def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(models):
+    tensors, target = loaded_model(models)
+    threads = torch.get_num_threads()
+    result = live.merge_into(target, plan_of(models, recipe(0.6)), RunOptions(hash_inputs=False, workers=2))
+    assert torch.get_num_threads() == threads and result.keys > 0 and live.PARTIAL not in target.state.merged.values()
+    assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))
