@@ -44,10 +44,11 @@ class LiveHandlers:
                 self.empty_trials = gr.Button("Empty the trials folder", elem_id=f"{ELEM}_empty_trials", min_width=80)
 
     def _wire_live(self):
-        listen(self.save_live.click, self.on_save_live, [self.output_name, self.overwrite],
+        lists = [self.filter, self.selection]
+        listen(self.save_live.click, self.on_save_live, [self.output_name, self.overwrite, *lists],
                [self.message, *self.list_outputs()])
         listen(self.restore_live.click, self.on_restore_live, [], [self.message])
-        listen(self.empty_trials.click, self.on_empty_trials, [], [self.message, *self.list_outputs()])
+        listen(self.empty_trials.click, self.on_empty_trials, lists, [self.message, *self.list_outputs()])
 
     def merge_inputs(self) -> list:
         return [self.target, *self.form_inputs(), *self.run_inputs()]
@@ -71,14 +72,14 @@ class LiveHandlers:
         return (f"Merging into the loaded model ({len(plan.keys)} keys planned; only changed ones are written).",
                 recipe.to_json(), self.progress_html(job.snapshot()))
 
-    def on_save_live(self, name, overwrite):
+    def on_save_live(self, name, overwrite, filter_text="", selection=None):
         name = (name or "").strip()
         try:
             result = self.host.save_live(name, bool(overwrite))
         except AstolfoError as exc:
             return [self.error_text(exc)] + [gr.update() for _ in self.list_outputs()]
         self.reload_models()
-        updates = self.list_updates("", [])
+        updates = self.list_updates(filter_text, selection or [])
         note = f"  \n{result.log[-1]}" if result.log else ""
         return [f"Saved the loaded merge to `{result.path}` ({_size(result.size)}, {result.seconds:.1f} s)  \n"
                 f"sha256 `{result.sha256}`{note}"] + [updates.get(w, gr.update()) for w in self.list_outputs()]
@@ -93,10 +94,10 @@ class LiveHandlers:
         return (f"Restored {result.restored} keys from the checkpoint file in {result.seconds:.1f} s: the loaded "
                 "model is its checkpoint again.")
 
-    def on_empty_trials(self):
+    def on_empty_trials(self, filter_text="", selection=None):
         count, freed = trials.empty_trials(self.host, keep=self.loaded_files())
         self.reload_models()
-        updates = self.list_updates("", [])
+        updates = self.list_updates(filter_text, selection or [])
         where = trials.trials_dir(self.host)
         text = (f"Deleted {count} cached XYZ cell file(s) from `{where}` ({_size(freed)} freed)." if count
                 else f"The trials folder `{where}` holds no cell files.")

@@ -207,3 +207,25 @@ def test_the_loaded_model_route_reports_what_the_model_holds(a1111):
     assert 0 < sum(info["digests"][k] != d for k, d in file.items()) <= info["merged_keys"]   # equal inputs: equal
     glue.HOST.restore_live()
     assert route(digests=True)["digests"] == file and route()["label"] == ""
+
+
+def test_the_tab_buttons_save_restore_and_empty_the_trials_folder(a1111):
+    from astolfo_merge.ui import MergerTab
+    fake, glue = a1111
+    tab = MergerTab(glue.HOST)
+    tab.build()
+    assert "no model is loaded" in tab.on_restore_live()
+    model = load_a(fake, glue)
+    assert "nothing to restore" in tab.on_restore_live()
+    assert "no live merge" in tab.on_save_live("x.safetensors", False)[0]
+    glue.HOST.merge_live(trials.live_plan(glue.HOST, trials.with_alpha(trials.parse_recipe(TEMPLATE), 0.5)),
+                         glue.HOST.run_options())
+    assert "File name" in tab.on_save_live("", False)[0]
+    saved = tab.on_save_live("kept.safetensors", False)[0]
+    assert saved.startswith("Saved the loaded merge") and (fake.models / "kept.safetensors").is_file()
+    assert tab.on_restore_live().startswith("Restored") and live_label(model) == ""
+    trial = fake.models / trials.TRIALS_DIR / "weighted_sum-0123.safetensors"
+    trial.parent.mkdir()
+    trial.write_bytes((fake.models / "kept.safetensors").read_bytes())
+    assert "Deleted 1 cached XYZ cell file(s)" in tab.on_empty_trials()[0] and not trial.exists()
+    assert "holds no cell files" in tab.on_empty_trials()[0]

@@ -442,18 +442,18 @@ def test_the_webui_lora_applies_once_on_top_of_a_live_merge(sd1, page):
     backup must neither bring the checkpoint back (undo) nor count the LoRA twice (double)."""
     webui = sd1
     load_checkpoint(webui, "rand_A.safetensors")
-    lora = "a cat <lora:merger_test:1>"
-    plain_lora, _ = generate(webui, lora)                    # backup of rand_A's weights taken here
-    generate(webui)                                          # LoRA off: restored from the backup, kept
+    lora = "a cat <lora:merger_test:1>"          # one step per image: the weights, not the sampler, are tested
+    plain_lora, _ = generate(webui, lora, steps=1)                    # backup of rand_A's weights taken here
+    generate(webui, steps=1)                                        # LoRA off: restored from the backup, kept
     merge_in_tab(webui, page, alpha=0.5)
     merged = loaded_digests(webui)
     assert webui.api("/astolfo-merge/v1/loaded-model")["label"].startswith("[Merger]")
-    with_lora, infos = generate(webui, lora)
+    with_lora, infos = generate(webui, lora, steps=1)
     assert "merger_test" in infos[0] and "[Merger]" in infos[0], infos[0]
     assert with_lora != plain_lora, "the LoRA must apply on the merge, not on the backed-up checkpoint"
     lora_digests = loaded_digests(webui)
     assert lora_digests != merged
-    generate(webui)                                          # LoRA off again: the merge, not the file
+    generate(webui, steps=1)                                        # LoRA off again: the merge, not the file
     assert loaded_digests(webui) == merged
     # the reference: the same merge saved to a file, loaded by the WebUI, the same LoRA on top
     click_live(page, "Save loaded merge", "live-saved.safetensors")
@@ -461,7 +461,7 @@ def test_the_webui_lora_applies_once_on_top_of_a_live_merge(sd1, page):
     click_live(page, "Restore")
     assert loaded_digests(webui) == file_digests(pathlib.Path(SD1_MODELS, "rand_A.safetensors"))
     load_checkpoint(webui, "live-saved.safetensors")
-    reference, _ = generate(webui, lora)
+    reference, _ = generate(webui, lora, steps=1)
     assert reference == with_lora, "LoRA on the live merge must equal LoRA on the saved merge, loaded"
     load_checkpoint(webui, "rand_A.safetensors")
     (webui.models / "live-saved.safetensors").unlink()
