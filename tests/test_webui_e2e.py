@@ -497,7 +497,7 @@ def click_live(page, button, file_name=None):
         field.fill(file_name)
     message = page.locator("#astolfo_merge_message")
     before = message.inner_text()
-    page.get_by_role("button", name=button, exact=True).click()
+    page.locator({"Save loaded merge": "#astolfo_merge_save_live", "Restore": "#astolfo_merge_restore_live"}[button]).click()
     wait_until(lambda: message.inner_text() != before and message.inner_text(), 600, f"{button} should answer")
     text = message.inner_text()
     assert text.startswith(("Saved", "Restored")), text
