@@ -209,6 +209,7 @@ def test_unwrapped_names_of_the_webui_text_encoder_hijack():
         names[0]: "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", names[1]: names[1]}
 
 
+@pytest.mark.slow
 def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(models):
     tensors, target = loaded_model(models)
     threads = torch.get_num_threads()

@@ -126,6 +126,7 @@ def test_a_live_merge_loaded_before_the_grid_is_back_after_it(a1111):
     assert all(torch.equal(held[k], v) for k, v in weights_of(model).items())
 
 
+@pytest.mark.slow
 def test_file_cells_stay_an_option(a1111):
     fake, glue = a1111
     load_a(fake, glue)
