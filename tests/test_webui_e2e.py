@@ -479,11 +479,16 @@ def merge_in_tab(webui, page, alpha):
     page.locator("ul.options li", has_text="weighted_sum").first.click()
     _pick(page, "rand_A.safetensors", root="gradioApp()")
     _pick(page, "rand_B.safetensors", root="gradioApp()")
+    page.locator("#astolfo_merge_base input").first.click()          # the preset base may be another file's
+    page.locator("ul.options li", has_text="(none)").first.click()
     slider = page.locator("#astolfo_merge_param_slider0 input[type=number]")
     slider.fill(str(alpha))
     slider.press("Enter")
     page.locator("#astolfo_merge_target label", has_text="the loaded model").click()
     page.locator("#astolfo_merge_merge").click()
+    started = wait_until(lambda: merge_status(page)["status"] != "idle" or page.locator("#astolfo_merge_message")
+                         .first.inner_text().strip(), 60, "Merge should start or say why not")
+    assert merge_status(page)["status"] != "idle", started
     final = wait_until(lambda: finished(merge_status(page)), 600, "the live merge should finish")
     summary = page.locator("#astolfo_merge_summary").first.inner_text()
     assert final["status"] == "done" and "into the loaded model" in summary, f"{final}\n{summary}\n{webui.log_tail()}"
