@@ -502,7 +502,7 @@ def click_live(page, button, file_name=None):
     if file_name:
         field = page.locator("#astolfo_merge_output_name textarea, #astolfo_merge_output_name input").first
         field.fill(file_name)
-    message = page.locator("#astolfo_merge_message")
+    message = page.locator("#astolfo_merge_message").first
     before = message.inner_text()
     page.locator({"Save loaded merge": "#astolfo_merge_save_live", "Restore": "#astolfo_merge_restore_live"}[button]).click()
     wait_until(lambda: message.inner_text() != before and message.inner_text(), 600, f"{button} should answer")
