@@ -486,9 +486,10 @@ def merge_in_tab(webui, page, alpha):
     slider.press("Enter")
     page.locator("#astolfo_merge_target label", has_text="the loaded model").click()
     page.locator("#astolfo_merge_merge").click()
-    started = wait_until(lambda: merge_status(page)["status"] != "idle" or page.locator("#astolfo_merge_message")
-                         .first.inner_text().strip(), 60, "Merge should start or say why not")
-    assert merge_status(page)["status"] != "idle", started
+    try:
+        wait_until(lambda: merge_status(page)["status"] != "idle", 120, "Merge should start")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {page.locator('#astolfo_merge_message').first.inner_text()}") from None
     final = wait_until(lambda: finished(merge_status(page)), 600, "the live merge should finish")
     summary = page.locator("#astolfo_merge_summary").first.inner_text()
     assert final["status"] == "done" and "into the loaded model" in summary, f"{final}\n{summary}\n{webui.log_tail()}"
