@@ -506,7 +506,9 @@ def click_live(page, button, file_name=None):
     message = page.locator("#astolfo_merge_message").first
     before = message.inner_text()
     page.locator({"Save loaded merge": "#astolfo_merge_save_live", "Restore": "#astolfo_merge_restore_live"}[button]).click()
-    wait_until(lambda: message.inner_text() != before and message.inner_text(), 600, f"{button} should answer")
-    text = message.inner_text()
+    answers = ("Saved", "Restored", "Error", "The loaded model")     # not gradio's "queue …" / "processing …"
+    wait_until(lambda: message.inner_text() != before and message.inner_text().strip().startswith(answers), 600,
+               f"{button} should answer")
+    text = message.inner_text().strip()
     assert text.startswith(("Saved", "Restored")), text
     return text
