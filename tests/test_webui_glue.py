@@ -34,7 +34,7 @@ def webui(models, tmp_path, monkeypatch):
 
 def test_the_script_registers_the_tab_the_settings_and_the_xyz_hook(webui):
     ns, glue = webui
-    assert set(ns.callbacks) == {"ui_tabs", "ui_settings", "before_ui"}
+    assert set(ns.callbacks) == {"ui_tabs", "ui_settings", "before_ui", "app_started"}   # + the loaded-model route
     ((blocks, title, elem_id),) = ns.callbacks["ui_tabs"][0]()
     assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("AstolfoMerge", "astolfo_merge")
 
