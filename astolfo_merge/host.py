@@ -6,13 +6,14 @@ XYZ trials only ever call these methods.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
 
 from .checkpoint import is_checkpoint_name
 from .engine import MergeResult, RunOptions
-from .errors import AstolfoError
+from .errors import AstolfoError, RecipeError
 from .plan import Plan, build_plan
 from .recipe import Recipe
 
@@ -35,6 +36,7 @@ class Host:
     title = "AstolfoMerge"
     can_load_model = False       # a "load the result" button makes sense
     has_xyz = False              # the XYZ grid can use merge recipes
+    has_loaded_model = False     # the host holds a model the tab could merge into (the WebUI: live.py)
 
     # -- what subclasses provide ------------------------------------------------------------------
     def models_dir(self) -> str:
@@ -67,6 +69,50 @@ class Host:
     def load_model(self, path: str) -> tuple:
         """(message, name the page should select or None)."""
         return (f"This host cannot load models; the merge is at {path}", None)
+
+    # -- live merge into the host's loaded model (live.py); only the WebUI has one ----------------
+    def live_target(self):
+        """The loaded model as a live.LiveTarget; raises LiveError saying why not."""
+        from .live import LiveError
+        raise LiveError("merging into the loaded model needs the WebUI; here merges go to files")
+
+    def live_lock(self):
+        """Held around live changes made from the tab (the WebUI: never while it generates)."""
+        return contextlib.nullcontext()
+
+    def live_unsupported(self) -> str | None:
+        from .live import LiveError
+        try:
+            self.live_target()
+        except LiveError as exc:
+            return str(exc)
+        return None
+
+    def merge_live(self, plan: Plan, options: RunOptions, progress=None, cancel=None, locked: bool = True):
+        """Merge `plan` into the loaded model (only changed keys); `locked=False` when the caller holds
+        the host's lock already (an XYZ cell runs inside a generation)."""
+        from .live import merge_into
+        with self.live_lock() if locked else contextlib.nullcontext():
+            return merge_into(self.live_target(), plan, options, progress, cancel)
+
+    def restore_live(self, locked: bool = True):
+        from .live import restore
+        with self.live_lock() if locked else contextlib.nullcontext():
+            return restore(self.live_target())
+
+    def save_live(self, name: str, overwrite: bool = False) -> MergeResult:
+        """Write the loaded merge to `name` in the output folder, then register it like a merge."""
+        from .live import save_loaded
+        from .paths import Folders
+        if not name or not is_checkpoint_name(name):
+            raise RecipeError("File name", f"{name!r}: give a file name ending in .safetensors")
+        path = Folders(self).output(os.path.join(self.output_dir(), name), "File name")
+        with self.live_lock():
+            result = save_loaded(self.live_target(), path, overwrite)
+        note = self.after_merge(result)
+        if note:
+            result.log.append(note)
+        return result
 
     def lora_dirs(self) -> list:
         """Folders the tab's LoRA picker lists: a `Lora` folder inside the models folder and

@@ -69,11 +69,13 @@ class Job:
 
     _ids = itertools.count(1)
 
-    def __init__(self, plan, options: RunOptions, title: str, on_done: Callable[[MergeResult], object] | None):
+    def __init__(self, plan, options: RunOptions, title: str, on_done: Callable[[MergeResult], object] | None,
+                 runner: Callable | None = None):
         self.id = f"job-{next(self._ids)}-{int(time.time())}"
         if options.isolate is None:   # merges run in worker processes: the host's torch settings stay as
             options = dataclasses.replace(options, isolate=True)   # they are and a dying worker spares it
         self.plan, self.options, self.title, self.on_done = plan, options, title, on_done
+        self.runner = runner or run_merge   # runner(plan, options, progress=, cancel=) -> result (live.py: no file)
         self.cancel_event = threading.Event()
         self.done_event = threading.Event()
         self._lock = threading.Lock()
@@ -140,11 +142,11 @@ class Job:
             return
         self._started = time.monotonic()
         self._set(status=RUNNING)
-        self.log(f"started: {len(self.plan.keys)} keys -> {self.plan.output}")
+        self.log(f"started: {len(self.plan.keys)} keys -> {self.plan.output or self.title}")
         for line in self.plan.log:
             self.log(f"note: {line}")
         try:
-            result = run_merge(self.plan, self.options, progress=self._on_progress, cancel=self.cancel_event)
+            result = self.runner(self.plan, self.options, progress=self._on_progress, cancel=self.cancel_event)
         except Cancelled:
             self._finish(CANCELLED, error="cancelled; no file was written")
             return
@@ -188,9 +190,11 @@ class JobManager:
         self._worker: threading.Thread | None = None
 
     def submit(self, plan, options: RunOptions | None = None, title: str | None = None,
-               on_done: Callable[[MergeResult], object] | None = None, queue: bool = False) -> Job:
-        """Start `plan` now, or queue it behind the running job (`queue=True`), or refuse."""
-        job = Job(plan, options or RunOptions(), title or os.path.basename(plan.output or "merge"), on_done)
+               on_done: Callable[[MergeResult], object] | None = None, queue: bool = False,
+               runner: Callable | None = None) -> Job:
+        """Start `plan` now, or queue it behind the running job (`queue=True`), or refuse. `runner`
+        replaces `run_merge` (a live merge into the loaded model, a restore)."""
+        job = Job(plan, options or RunOptions(), title or os.path.basename(plan.output or "merge"), on_done, runner)
         with self._lock:
             busy = self._active_locked()
             if busy is not None and not queue:

@@ -24,6 +24,10 @@ from .stages import validate_loras
 TRIALS_DIR = "_merger_trials"          # not a dot-folder: the WebUI skips those when listing
 TEMPLATE_FILE = "xyz-template.json"
 _LOCK = threading.Lock()
+# What the [Merger] axes did in the running grid (the WebUI glue): whether a cell merged into the
+# loaded model, and the live merge loaded before the grid (brought back afterwards). Kept here, in
+# the package, so a wrapper installed before a "Reload UI" and the reloaded glue share it.
+GRID: dict = {}
 
 
 def recipe_key(recipe: Recipe) -> str:
@@ -97,6 +101,44 @@ def check(host, recipe: Recipe):
     """Resolve every file of `recipe` now (the grid should fail before its first image)."""
     confine_recipe(host, recipe)
     build_plan(host.resolved(recipe), host.models_dir(), None)
+
+
+def live_plan(host, recipe: Recipe):
+    """The plan of a cell merged into the loaded model (live.py): no output file."""
+    confine_recipe(host, recipe)
+    return build_plan(host.resolved(recipe), host.models_dir(), None)
+
+
+def trials_dir(host) -> str:
+    return os.path.join(host.models_dir(), TRIALS_DIR)
+
+
+def trial_files(host) -> list:
+    """The cached cell files (path, bytes) in the trials folder."""
+    folder = trials_dir(host)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors") and os.path.isfile(path) and not os.path.islink(path):
+            found.append((path, os.path.getsize(path)))
+    return found
+
+
+def empty_trials(host, keep=()) -> tuple:
+    """Delete the cached cell files (not `keep`, e.g. the file the host has loaded): (count, bytes) freed."""
+    kept = {os.path.realpath(p) for p in keep if p}
+    count = freed = 0
+    with _LOCK:
+        for path, size in trial_files(host):
+            if os.path.realpath(path) in kept:
+                continue
+            os.remove(path)
+            count, freed = count + 1, freed + size
+    if count:
+        host.refresh()
+    return count, freed
 
 
 def run_trial(host, recipe: Recipe, on_done=None, timeout=None) -> tuple:

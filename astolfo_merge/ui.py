@@ -18,6 +18,7 @@ import gradio as gr
 import torch
 
 from . import jobs
+from .live_ui import LiveHandlers
 from .methods import METHODS
 from .recipe import OUTPUT_DTYPES
 from .ui_catalog import default_catalog
@@ -69,8 +70,9 @@ def device_choices() -> list:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-class MergerTab(TabHandlers):
-    """Layout of the tab; the event handlers live in ui_handlers.TabHandlers."""
+class MergerTab(LiveHandlers, TabHandlers):
+    """Layout of the tab; the event handlers live in ui_handlers.TabHandlers (live_ui.LiveHandlers:
+    merging into the WebUI's loaded model)."""
 
     def __init__(self, host, catalog=None):
         self.host = host
@@ -218,6 +220,7 @@ class MergerTab(TabHandlers):
 
     def _run_section(self):
         with gr.Group(elem_id=f"{ELEM}_run_box"):
+            self._live_target()
             with gr.Row():
                 self.check = gr.Button("Check plan", elem_id=f"{ELEM}_check", min_width=80)
                 self.merge = gr.Button("Merge", variant="primary", elem_id=f"{ELEM}_merge", min_width=80)
@@ -229,6 +232,7 @@ class MergerTab(TabHandlers):
             with gr.Row():
                 self.load = gr.Button("Load the merged model", visible=False, elem_id=f"{ELEM}_load")
                 self.xyz = gr.Button("Use as XYZ template", visible=self.host.has_xyz, elem_id=f"{ELEM}_xyz")
+            self._live_section()
             # Page plumbing: a poll button clicked by javascript/astolfo_merge.js (hidden by CSS, kept in
             # the DOM), what this page last saw of the job, and a name the page should select.
             self.poll = gr.Button("poll", elem_id=f"{ELEM}_poll", elem_classes=["astolfo-hidden"])
@@ -320,7 +324,7 @@ class MergerTab(TabHandlers):
             listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
         form, run = self.form_inputs(), self.run_inputs()
         listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
-        listen(self.merge.click, self.on_merge, form + run, [self.message, self.recipe_json, self.progress])
+        listen(self.merge.click, self.on_merge_to, self.merge_inputs(), [self.message, self.recipe_json, self.progress])
         listen(self.cancel.click, self.on_cancel, [], [self.message])
         poll_out = [self.progress, self.log, self.summary, self.load, self.seen, self.event, *self.list_outputs()]
         dep = listen(self.poll.click, self.on_poll, [self.seen, self.filter, self.selection], poll_out, **poll_options())
@@ -329,6 +333,7 @@ class MergerTab(TabHandlers):
         load_dep = listen(self.load.click, self.on_load, [self.seen], [self.message, self.select_name])
         listen(load_dep.then, None, [self.select_name], [], js="(name) => { astolfoMergeSelectCheckpoint(name); return []; }")
         listen(self.xyz.click, self.on_xyz_template, form, [self.message, self.recipe_json])
+        self._wire_live()
         listen(self.save_recipe.click, self.on_save_recipe, [self.recipe_name] + form,
                [self.message, self.recipe_json, self.recipe_file, self.saved_recipes])
         load_out = self.load_recipe_outputs()

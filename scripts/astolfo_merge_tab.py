@@ -30,6 +30,8 @@ import gradio as gr
 from modules import cache, call_queue, paths, script_callbacks, scripts, sd_models, shared
 
 # Imported now, at load time: the extension folder is on sys.path only while this file executes.
+import astolfo_merge.live as merger_live
+import astolfo_merge.live_webui as live_webui
 import astolfo_merge.trials as trials
 import astolfo_merge.ui as merger_ui
 from astolfo_merge.errors import RecipeError
@@ -47,6 +49,9 @@ OPTIONS = {  # key -> (default, label, component, component args)
     # a callable: the choices are what this machine has (no "cuda" without CUDA)
     "astolfo_merge_device": ("cpu", "AstolfoMerge: device", gr.Radio, lambda: {"choices": merger_ui.device_choices()}),
     "astolfo_merge_precision": ("fp64", "AstolfoMerge: compute precision", gr.Radio, {"choices": ["fp64", "fp32"]}),
+    # where the [Merger] XYZ axes put each cell's merge (live.py; a file per cell where the host cannot)
+    "astolfo_merge_xyz_target": ("loaded model", "AstolfoMerge: [Merger] XYZ cells merge into", gr.Radio,
+                                 {"choices": ["loaded model", "file (cached in _merger_trials)"]}),
 }
 NOT_SUPPORTED = "not supported on this host"
 
@@ -136,6 +141,32 @@ def loaded_checkpoint_file():
     return os.path.abspath(filename) if filename else None
 
 
+def current_model(load: bool = False):
+    """The host's loaded model; `load=True` (inside a generation) lets the host load it first."""
+    if load:
+        try:
+            model = getattr(shared, "sd_model", None)
+            if model is not None:
+                return model
+        except Exception:  # noqa: BLE001 - the host could not load one: say "no model" below
+            pass
+    return getattr(getattr(sd_models, "model_data", None), "sd_model", None)
+
+
+def live_target(load: bool = False):
+    """The loaded model as a live-merge target, or LiveError saying why not on this host."""
+    forge = "modules_forge" in sys.modules or hasattr(sd_models, "forge_model_reload")   # Classic / Neo
+    model = None if forge else current_model(load)
+    reason = live_webui.unsupported_reason(model, forge)
+    if reason is not None:
+        raise merger_live.LiveError(reason)
+    info = live_webui._real_info(model)
+    loaded = getattr(sd_models, "checkpoints_loaded", None)
+    if isinstance(loaded, dict):      # the RAM checkpoint cache holds the model's own tensors: drop this file's
+        loaded.pop(info, None)
+    return live_webui.WebuiModelTarget(model)
+
+
 def load_with_forge(info):
     main_entry = forge_main_entry()
     params = inspect.signature(main_entry.checkpoint_change).parameters
@@ -157,6 +188,13 @@ class WebuiHost(Host):
 
     key = "webui"
     title = "AstolfoMerge (WebUI)"
+    has_loaded_model = True
+
+    def live_target(self):
+        return live_target()
+
+    def live_lock(self):
+        return call_queue.queue_lock
 
     @property
     def can_load_model(self) -> bool:
@@ -330,10 +368,78 @@ def xyz_helper(name: str, xyz=None):
     return found if callable(found) else fallback
 
 
+def cells_go_live() -> bool:
+    """Cells merge into the loaded model unless the setting says file, or the host cannot (said once)."""
+    if not str(option("astolfo_merge_xyz_target")).startswith("loaded"):
+        return False
+    try:
+        live_target(load=True)
+    except merger_live.LiveError as exc:
+        if not GRID.get("said"):
+            print(f"AstolfoMerge: {AXIS_PREFIX} cells merge to files: {exc}", file=sys.stderr)
+            GRID["said"] = True
+        return False
+    return True
+
+
+GRID = trials.GRID     # in the package: the X/Y/Z run wrapper outlives a Reload UI of this file
+
+
+def live_cell(recipe):
+    """Merge `recipe` into the loaded model (only keys whose recipe changed since the last cell)."""
+    target = live_target(load=True)
+    if not GRID.get("live"):
+        state = target.state
+        GRID.update(live=True, before=state.plan if state is not None and state.merged and state.complete else None)
+    plan = trials.live_plan(HOST, recipe)
+    result = HOST.merge_live(plan, HOST.run_options(), locked=False)   # the generation holds queue_lock
+    print(f"AstolfoMerge: {AXIS_PREFIX} cell merged into the loaded model in {result.seconds:.2f} s "
+          f"({result.keys} keys merged, {result.restored} restored, {result.kept} unchanged) {result.label}")
+
+
+def after_grid():
+    """Bring back what the model held before the grid: its checkpoint, or the live merge loaded then."""
+    before = GRID.get("before")
+    GRID.clear()
+    if before is not None:
+        result = HOST.merge_live(before, HOST.run_options(), locked=False)
+        what = f"the live merge loaded before the grid ({result.keys} keys re-merged)"
+    else:
+        result = HOST.restore_live(locked=False)
+        what = f"its checkpoint ({result.restored} keys restored)"
+    print(f"AstolfoMerge: {AXIS_PREFIX} grid done; the loaded model holds {what} in {result.seconds:.2f} s")
+
+
+def wrap_xyz_run():
+    """Run after_grid when the X/Y/Z script's run ends (done, failed or interrupted), if a cell went live."""
+    for data in getattr(scripts, "scripts_data", []):
+        cls = data.script_class
+        if data.module is not xyz_module() or not hasattr(cls, "run") or getattr(cls.run, "astolfo_merge", False):
+            continue
+        original = cls.run
+
+        def run(self, *args, _original=original, **kwargs):
+            GRID.clear()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                if GRID.get("live"):
+                    after_grid()
+        run.astolfo_merge = True
+        cls.run = run
+
+
 def use_recipe(p, recipe, xs):
-    """Merge `recipe` (or reuse its file) and make this cell use it. We run inside the generation,
-    which holds queue_lock already: refresh the list directly, never take the lock."""
+    """Merge `recipe` into the loaded model (default), or into a file (reused when merged before) that
+    this cell switches to. We run inside the generation, which holds queue_lock already: refresh the
+    list directly, never take the lock."""
+    if cells_go_live():
+        live_cell(recipe)
+        return
+    started = time.monotonic()
     path, merged = trials.run_trial(HOST, recipe, on_done=lambda result: write_hash(result.path, result.sha256))
+    print(f"AstolfoMerge: {AXIS_PREFIX} cell {'merged' if merged else 'reused'} {os.path.basename(path)} "
+          f"in {time.monotonic() - started:.2f} s")
     info = find_checkpoint(path)
     if merged or info is None:
         refresh_checkpoints()
@@ -383,6 +489,7 @@ def add_xyz_axes():
             print(f"AstolfoMerge: this X/Y/Z plot has no AxisOption/axis_options; {AXIS_PREFIX} axes not added",
                   file=sys.stderr)
         return
+    wrap_xyz_run()
     if any(str(getattr(opt, "label", "")).startswith(AXIS_PREFIX) for opt in xyz.axis_options):
         return
     label, plain = xyz_helper("format_value_add_label", xyz), xyz_helper("format_value", xyz)
@@ -401,6 +508,26 @@ def add_xyz_axes():
             print(f"AstolfoMerge: X/Y/Z axis {title!r} not added: {exc}", file=sys.stderr)
 
 
+# -- a read-only API route: what the loaded model holds (tests and tools check live merges with it) ---
+
+LOADED_MODEL_ROUTE = "/astolfo-merge/v1/loaded-model"
+
+
+def loaded_model_info(digests: bool = False) -> dict:
+    try:
+        target = live_target()
+    except merger_live.LiveError as exc:
+        return {"supported": False, "reason": str(exc)}
+    return {"supported": True, **merger_live.describe(target, digests)}
+
+
+def on_app_started(demo, app):
+    if app is not None and hasattr(app, "add_api_route"):
+        app.add_api_route(LOADED_MODEL_ROUTE, loaded_model_info, methods=["GET"])
+
+
 script_callbacks.on_ui_tabs(on_ui_tabs)
+if hasattr(script_callbacks, "on_app_started"):
+    script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_ui_settings(on_ui_settings)
 script_callbacks.on_before_ui(add_xyz_axes)

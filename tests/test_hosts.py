@@ -58,7 +58,7 @@ def test_each_fake_defines_only_names_its_real_host_defines(kind, models, tmp_pa
 
 def test_the_tab_builds_and_the_axes_are_registered_on_each_host(host):
     fake, glue = host
-    assert set(fake.callbacks) == {"ui_tabs", "ui_settings", "before_ui"}
+    assert set(fake.callbacks) == {"ui_tabs", "ui_settings", "before_ui", "app_started"}
     ((blocks, title, elem_id),) = fake.callbacks["ui_tabs"][0]()
     assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("AstolfoMerge", "astolfo_merge")
     assert glue.HOST.can_load_model and glue.HOST.has_xyz

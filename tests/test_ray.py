@@ -25,7 +25,7 @@ from astolfo_merge.engine import RunOptions, run_merge
 from astolfo_merge.errors import Cancelled, CheckpointError, OptionError
 from astolfo_merge.plan import build_plan
 from conftest import run_cli
-from test_executors import BASE, POOL, SLOW_KEYS, _after_keys, _untimed, copies, leftovers, recipe  # noqa: F401
+from test_executors import BASE, POOL, _after_keys, _untimed, copies, leftovers, recipe  # noqa: F401
 
 ray = pytest.importorskip("ray")
 
@@ -139,12 +139,11 @@ def test_an_input_truncated_before_the_tasks_read_it_fails_naming_it_and_leaves_
     assert leftovers(tmp_path / "out") == [] and not os.path.exists(partial_path(tmp_path / "out" / "out.safetensors"))
 
 
-def test_a_cancel_cancels_every_task_and_leaves_nothing(models, tmp_path, local_ray, monkeypatch):
-    monkeypatch.setenv(SLOW_KEYS, "0.02")
+def test_a_cancel_cancels_every_task_and_leaves_nothing(models, tmp_path, local_ray):
     cancel = threading.Event()
     with pytest.raises(Cancelled):
         merge(models, {"pool": POOL, "method": "n_average"}, tmp_path / "out", ray="local",
-              progress=_after_keys(1, cancel.set), cancel=cancel)
+              progress=_after_keys(1, cancel.set), cancel=cancel, throttle=0.02)
     assert leftovers(tmp_path / "out") == []
 
 

@@ -34,7 +34,7 @@ def webui(models, tmp_path, monkeypatch):
 
 def test_the_script_registers_the_tab_the_settings_and_the_xyz_hook(webui):
     ns, glue = webui
-    assert set(ns.callbacks) == {"ui_tabs", "ui_settings", "before_ui"}
+    assert set(ns.callbacks) == {"ui_tabs", "ui_settings", "before_ui", "app_started"}   # + the loaded-model route
     ((blocks, title, elem_id),) = ns.callbacks["ui_tabs"][0]()
     assert isinstance(blocks, gr.Blocks) and (title, elem_id) == ("AstolfoMerge", "astolfo_merge")
 
@@ -44,7 +44,8 @@ def test_settings_cover_output_folder_threads_memory_device_and_precision(webui)
     ns.callbacks["ui_settings"][0]()
     added = ns.shared.opts.added
     assert set(added) == {"astolfo_merge_output_dir", "astolfo_merge_threads", "astolfo_merge_memory_gb",
-                          "astolfo_merge_device", "astolfo_merge_precision"}
+                          "astolfo_merge_device", "astolfo_merge_precision", "astolfo_merge_xyz_target"}
+    assert added["astolfo_merge_xyz_target"].default == "loaded model"
     assert all(info.section == ("astolfo_merge", "AstolfoMerge") for info in added.values())
     ns.shared.opts.astolfo_merge_memory_gb = 3.0
     ns.shared.opts.astolfo_merge_threads = 4

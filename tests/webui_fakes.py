@@ -250,7 +250,13 @@ class FakeWebui:
 
     def _load(self, info):
         self.loads.append(info.filename)
-        self.sd.model_data.sd_model = types.SimpleNamespace(filename=info.filename, sd_checkpoint_info=info)
+        if self.kind == "a1111":      # ldm's LatentDiffusion: a torch module holding the checkpoint's tensors
+            model = sd_model_from(info.filename)
+            model.sd_checkpoint_info, model.sd_model_checkpoint = info, info.filename
+        else:                         # Forge's ForgeDiffusionEngine: weights in model patchers
+            model = types.SimpleNamespace(filename=info.filename, sd_checkpoint_info=info,
+                                          forge_objects=types.SimpleNamespace(unet=None, clip=None, vae=None))
+        self.sd.model_data.sd_model = model
 
     def _sd_models(self):
         sd = types.ModuleType("modules.sd_models")
@@ -333,7 +339,7 @@ class FakeWebui:
     # -- installing it ------------------------------------------------------------------------------
     def modules(self) -> dict:
         events = ("ui_tabs", "ui_settings", "before_ui", "app_started", "script_unloaded")
-        xyz_class = type("Script", (), {"__module__": "xyz_grid.py"})
+        xyz_class = self.xyz_class = type("Script", (), {"__module__": "xyz_grid.py", "run": xyz_run})
         found = {
             "modules": types.ModuleType("modules"),
             "modules.script_callbacks": types.SimpleNamespace(**{
@@ -384,6 +390,43 @@ class FakeWebui:
             job.done_event.wait(10)
 
 
+def sd_model_from(path, dtype=None):
+    """A torch module whose state_dict holds the checkpoint's tensors in fp32 (--no-half), named as the
+    WebUI names them after its text-encoder hijack (modules/sd_hijack.py, sd_hijack_clip.py):
+    `cond_stage_model.wrapped.…` and `token_embedding.wrapped.weight`."""
+    import torch
+    from safetensors.torch import load_file
+    root = torch.nn.Module()
+    for key, value in load_file(str(path)).items():
+        name = key.replace("cond_stage_model.transformer.", "cond_stage_model.wrapped.transformer.", 1)
+        name = name.replace(".token_embedding.weight", ".token_embedding.wrapped.weight")
+        *path_parts, leaf = name.split(".")
+        module = root
+        for part in path_parts:
+            if part not in module._modules:
+                module.add_module(part, torch.nn.Module())
+            module = module._modules[part]
+        if value.is_floating_point():
+            module.register_parameter(leaf, torch.nn.Parameter(value.to(dtype or torch.float32), requires_grad=False))
+        else:
+            module.register_buffer(leaf, value)
+    return root
+
+
+def xyz_run(self, p, axis, values):
+    """The X/Y/Z script's run, reduced to one axis: confirm, then per cell a copy of `p`, the axis'
+    apply, and the "image" (what the model is named and holds then)."""
+    import copy
+    if axis.confirm:
+        axis.confirm(p, values)
+    cells = []
+    for value in values:
+        cell = copy.deepcopy(p)
+        axis.apply(cell, value, values)
+        cells.append(self.generate(cell))
+    return cells
+
+
 def p_object():
     """The `p` (processing) object an XYZ axis gets."""
     return types.SimpleNamespace(override_settings={})
@@ -397,3 +440,36 @@ def installed(kind, models, tmp_path, monkeypatch):
         yield fake, glue
     finally:
         fake.close()
+
+
+# -- extensions-builtin/Lora/networks.py (A1111 v1.10.1): how the built-in LoRA patches a layer's weights --
+
+def lora_network(name, updown, multiplier=1.0):
+    """One loaded network as networks.py sees it for one layer: (name, multipliers, dim) and its delta."""
+    return types.SimpleNamespace(name=name, te_multiplier=multiplier, unet_multiplier=multiplier, dyn_dim=None,
+                                 updown=updown)
+
+
+def network_apply_weights(layer, loaded_networks):
+    """networks.network_apply_weights for a Linear/Conv layer (lines 411-475 at v1.10.1): back up the
+    weights the first time any network is wanted, restore the backup whenever the wanted set differs
+    from `network_current_names`, then add each network's delta."""
+    import torch
+    current = getattr(layer, "network_current_names", ())
+    wanted = tuple((n.name, n.te_multiplier, n.unet_multiplier, n.dyn_dim) for n in loaded_networks)
+    backup = getattr(layer, "network_weights_backup", None)
+    if backup is None and wanted != ():
+        if current != ():
+            raise RuntimeError("no backup weights found and current weights are not unchanged")
+        layer.network_weights_backup = layer.weight.to("cpu", copy=True)
+    if getattr(layer, "network_bias_backup", None) is None and wanted != ():
+        layer.network_bias_backup = None if layer.bias is None else layer.bias.to("cpu", copy=True)
+    if current != wanted:
+        with torch.no_grad():       # network_restore_weights_from_backup
+            if getattr(layer, "network_weights_backup", None) is not None:
+                layer.weight.copy_(layer.network_weights_backup)
+            if getattr(layer, "network_bias_backup", None) is not None:
+                layer.bias.copy_(layer.network_bias_backup)
+            for net in loaded_networks:
+                layer.weight.copy_((layer.weight.to(net.updown.dtype) + net.updown).to(layer.weight.dtype))
+        layer.network_current_names = wanted

@@ -1,0 +1,106 @@
+"""The WebUI's loaded model as a live-merge target (live.py), by its shape alone (no WebUI import).
+
+A1111-shaped hosts hold the model as a `torch.nn.Module` (ldm's LatentDiffusion) with the
+checkpoint it came from in `sd_checkpoint_info`; the text encoder is wrapped by the WebUI's hijack
+(`cond_stage_model.wrapped.…`, `token_embedding.wrapped.weight`), whose names map back to the
+checkpoint's keys by dropping `wrapped`. Forge hosts hold a `ForgeDiffusionEngine` whose weights
+live in model patchers (`forge_objects`), loaded and offloaded by Forge's memory manager: writing
+into them behind its back is not safe, so there the live merge is refused by name.
+
+The mark: while a live merge is loaded, `sd_checkpoint_info` is a `MarkedCheckpointInfo` that
+passes everything through to the real one but names the model "<name> [Merger] <recipe hash>"
+(`name_for_extra`: the "Model:" field of every image's infotext). The WebUI replaces it with the
+real info whenever it loads weights into the model, which is also how a live state notices that
+the model no longer holds what it merged.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .live import LiveState, LiveTarget, release_network_backups, state_dict_target_keys
+
+NOT_SUPPORTED = "not supported on this host"
+_STATE_ATTR = "_astolfo_merge_live"
+
+
+FORGE_REASON = (f"merging into the loaded model is {NOT_SUPPORTED}: Forge keeps the weights in its model "
+                "patcher and moves them itself; merge to a file and load it instead")
+
+
+def unsupported_reason(model, forge_host: bool = False) -> str | None:
+    """Why `model` cannot take a live merge, or None when it can (`forge_host`: the host is a Forge)."""
+    if forge_host or hasattr(model, "forge_objects"):
+        return FORGE_REASON
+    if model is None:
+        return "no model is loaded yet: generate one image or pick a checkpoint first, then merge into it"
+    if not isinstance(model, torch.nn.Module) or getattr(model, "sd_checkpoint_info", None) is None:
+        return f"merging into the loaded model is {NOT_SUPPORTED}: its model is not a torch module with a checkpoint"
+    if not getattr(_real_info(model), "filename", None) or not os.path.isfile(_real_info(model).filename):
+        return "the loaded model's checkpoint file is gone, so a live merge could not be restored; load a checkpoint"
+    return None
+
+
+class MarkedCheckpointInfo:
+    """The WebUI's CheckpointInfo of the loaded file, named with the live merge's label."""
+
+    def __init__(self, info, label: str):
+        self.astolfo_merge_original, self.astolfo_merge_label = info, label
+
+    def __getattr__(self, name):
+        return getattr(self.astolfo_merge_original, name)
+
+    @property
+    def name_for_extra(self) -> str:
+        return f"{self.astolfo_merge_original.name_for_extra} {self.astolfo_merge_label}"
+
+
+def _real_info(model):
+    info = getattr(model, "sd_checkpoint_info", None)
+    return getattr(info, "astolfo_merge_original", info)
+
+
+class WebuiModelTarget(LiveTarget):
+    """The loaded `model`; its live state is kept on the model while its info is the one we saw."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.checkpoint = os.path.abspath(_real_info(model).filename)
+        self._names = None
+
+    @property
+    def state(self) -> LiveState | None:
+        seen = getattr(self.model, _STATE_ATTR, None)
+        if seen is None or seen[0] is not self.model.sd_checkpoint_info:
+            return None          # weights loaded since (the WebUI set its own info): the file's values again
+        return seen[1]
+
+    @state.setter
+    def state(self, state: LiveState):
+        setattr(self.model, _STATE_ATTR, (self.model.sd_checkpoint_info, state))
+
+    def names(self) -> dict:
+        """canonical key -> the model's parameter/buffer name."""
+        if self._names is None:
+            own = state_dict_target_keys(self.model.state_dict(keep_vars=True))
+            self._names = {key: name for name, key in own.items()}
+        return self._names
+
+    def tensors(self) -> dict:
+        held = self.model.state_dict(keep_vars=True)
+        return {key: held[name] for key, name in self.names().items()}
+
+    def before_write(self, keys: list) -> None:
+        names = self.names()
+        release_network_backups(self.model, [names[k] for k in keys if k in names])
+
+    def marked(self, state: LiveState) -> None:
+        real = _real_info(self.model)
+        self.model.sd_checkpoint_info = MarkedCheckpointInfo(real, state.label) if state.label else real
+        setattr(self.model, _STATE_ATTR, (self.model.sd_checkpoint_info, state))
+
+
+def live_label(model) -> str:
+    """The loaded model's live-merge label ("" when it holds its checkpoint's own weights)."""
+    return getattr(getattr(model, "sd_checkpoint_info", None), "astolfo_merge_label", "")
