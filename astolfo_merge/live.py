@@ -30,9 +30,10 @@ import torch
 
 from . import arch as archmod
 from .checkpoint import CheckpointReader, HashCache, SafetensorsWriter
-from .engine import MergeResult, NonFiniteInput, Progress, RunOptions, _produce, _without, one_torch_thread, output_metadata
+from .engine import MergeResult, Progress, RunOptions, _key_chunks, one_torch_thread, output_metadata
+from .stream import REWIND
 from .stage_run import Bindings, run_whole_stage
-from .errors import AstolfoError, Cancelled, MergeKeyError, RecipeError
+from .errors import AstolfoError, Cancelled, RecipeError
 from .executors import WORKER_CHUNK_BYTES, Crew, auto_process_count
 from .live_workers import ChunkRun, sub_plan
 from .plan import GIB, KeyPlan, Plan, load_source
@@ -224,32 +225,18 @@ def _restore_keys(state: LiveState, keys: list, tensors: dict, report: _Reporter
 
 
 def _write_key(plan, kp, tensor, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
-    """Stream one key's chunks into `tensor` (rows in order); NaN/Inf inputs follow the recipe's policy."""
-    view = _target_view(tensor, kp)
-    while True:
-        try:
-            for start, chunk in _rows(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
-                if view.dim() == 0:
-                    view.copy_(chunk.reshape(()))
-                else:
-                    view[start:start + chunk.shape[0]].copy_(chunk.reshape((-1,) + tuple(view.shape[1:])))
-            return
-        except NonFiniteInput as bad:
-            name = plan.sources[bad.source].name
-            if plan.recipe.nonfinite != "skip" or kp.action != "merge" or bad.source == kp.base:
-                raise MergeKeyError(kp.key, f"{name} has NaN/Inf values here (set 'nonfinite' to 'skip' to leave "
-                                    "such inputs out of such keys, or to 'keep')", [name]) from None
-            kp = _without(kp, bad.source)
-            log.append(f"{kp.key}: {name} has NaN/Inf values here; left out ({len(kp.pool) or 1} input(s) remain)")
-
-
-def _rows(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
-    """(first row, chunk in the output dtype) of one key, as the engine produces them for a file."""
-    start = 0
-    for chunk in _produce(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
-        rows = chunk.shape[0] if kp.shape and chunk.dim() == len(kp.shape) else (kp.shape[0] if kp.shape else 1)
-        yield start, chunk
-        start += rows
+    """Stream one key's chunks into `tensor` (rows in order), as the engine produces them for a file
+    (NaN/Inf inputs follow the recipe's policy there: a key that starts over comes as REWIND)."""
+    view, start = _target_view(tensor, kp), 0
+    for chunk in _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
+        if chunk is REWIND:
+            start = 0
+        elif view.dim() == 0:
+            view.copy_(chunk.reshape(()))
+        else:
+            rows = chunk.reshape((-1,) + tuple(view.shape[1:]))
+            view[start:start + rows.shape[0]].copy_(rows)
+            start += rows.shape[0]
 
 
 def merge_into(target: LiveTarget, plan: Plan, options: RunOptions | None = None,
@@ -335,9 +322,6 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
                 raise Cancelled()
             state.merged[kp.key] = PARTIAL     # until the last row is in
             _write_key(plan, kp, tensors[kp.key], readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
-            for source in {*kp.pool, kp.base, kp.source} - {None}:
-                if kp.key in plan.sources[source].keys:
-                    readers[source].release(plan.sources[source].keys[kp.key])
             state.merged[kp.key] = wanted[kp.key][1]
             report.tally(kp.key, math.prod(kp.shape) * kp.dtype.itemsize)
     finally:
@@ -441,14 +425,16 @@ def _saved_value(plan, kp, tensors, own, reader, log) -> torch.Tensor:
     if kp.key in tensors and kp.key in own and key_signature(plan, kp, reader.path) is not None:
         return tensors[kp.key].detach().reshape(kp.shape).to(device="cpu", dtype=kp.dtype)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    bound, value = Bindings(plan, {}), torch.empty(kp.shape, dtype=kp.dtype)
     try:
         with one_torch_thread():
             dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
-            chunks = [c for _, c in _rows(plan, kp, readers, dtype, torch.device("cpu"), 64 << 20, log, None, {}, None)]
+            _write_key(plan, kp, value, readers, dtype, torch.device("cpu"), 64 << 20, log, None, bound, None)
     finally:
+        bound.close()
         for r in readers:
             r.close()
-    return torch.cat([c.reshape((-1,) + tuple(kp.shape[1:])) for c in chunks]).reshape(kp.shape) if kp.shape else chunks[0]
+    return value
 
 
 def describe(target: LiveTarget, digests: bool = False) -> dict:
