@@ -169,11 +169,22 @@ _DEFAULT: Catalog | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
-def guess_base(infos, arch: str | None) -> str | None:
-    """A model of `arch` whose name looks like a base (…base…, v1-5-pruned, …), complete ones first."""
-    candidates = [i for i in infos if i.mergeable and (arch is None or i.arch == arch) and i.looks_like_base]
+def guess_base(infos, arch: str | None, scale: int | None = None) -> str | None:
+    """A model of `arch` (and `scale`: a 1/64-scale demo base never matches full-size models) whose
+    name looks like a base (…base…, v1-5-pruned, …), complete ones first."""
+    candidates = [i for i in infos if i.mergeable and (arch is None or i.arch == arch) and i.looks_like_base
+                  and (scale is None or i.scale == scale)]
     candidates.sort(key=lambda i: (not i.status.startswith("complete"), len(i.name), i.name))
     return candidates[0].name if candidates else None
+
+
+def pool_scale(infos_by_name: dict, pool) -> int | None:
+    """The scale of the selected pool (that of its first identified model; 1 = full size)."""
+    for name in pool:
+        info = infos_by_name.get(name)
+        if info is not None and info.arch:
+            return info.scale
+    return None
 
 
 def pool_arch(infos_by_name: dict, pool) -> str | None:

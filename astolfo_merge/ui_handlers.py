@@ -19,7 +19,7 @@ from .errors import AstolfoError, MemoryBudgetError, OutputExistsError, RecipeEr
 from .paths import check_recipe_size, confine_recipe, recipe_path
 from .plan import GIB
 from .recipe import Recipe, load_recipe, parse_recipe, recipe_from_metadata
-from .ui_catalog import format_size, guess_base, pool_arch
+from .ui_catalog import format_size, guess_base, pool_arch, pool_scale
 from .ui_compat import file_value_bytes
 from .ui_forms import preset_values
 from .ui_words import plain, tab_words
@@ -140,9 +140,10 @@ class TabHandlers:
         updates = {self.selection: list(pool)}
         if echo_pool:
             updates[self.pool] = gr.update(value=[n for n in pool if n in shown])
-        base_info = self.by_name.get(base)
-        if pool and (base in (None, "", NONE) or (base_info and arch and base_info.arch != arch)):
-            base = guess_base(self.infos, arch) or NONE
+        base_info, scale = self.by_name.get(base), pool_scale(self.by_name, pool)
+        mismatch = base_info and arch and (base_info.arch != arch or base_info.scale != scale)
+        if pool and (base in (None, "", NONE) or mismatch):
+            base = guess_base(self.infos, arch, scale) or NONE
             updates[self.base] = gr.update(value=base)
         updates[self.pool_summary] = self.pool_summary_text(pool, arch, base)
         auto = auto_output_name(pool, method) or ""

@@ -10,7 +10,7 @@ from astolfo_merge import arch as archmod
 from astolfo_merge import ui_catalog
 from astolfo_merge.methods import METHODS, Method, Param, register
 from astolfo_merge.recipe import Recipe, parse_recipe
-from astolfo_merge.ui_catalog import Catalog, guess_base
+from astolfo_merge.ui_catalog import Catalog, guess_base, pool_scale
 from astolfo_merge.ui_forms import PRESETS, BlockWeights, ParamForm, assign_slots, preset_values, slot_kind
 from astolfo_merge.ui_state import (BASE, MAIN, OWN, TAKE, arch_components, carried_extra, component_carry,
                                     component_mode, component_rule, components_of, form_carry, merge_selection,
@@ -197,3 +197,13 @@ def test_the_base_guess_is_a_base_looking_model_of_the_pools_architecture(models
     assert guess_base(infos, "sd1") == "sd1-base.safetensors"
     assert guess_base(infos, "sdxl") == "sdxl-base.safetensors"
     assert guess_base([i for i in infos if "base" not in i.name], "sd1") is None
+
+
+def test_the_base_guess_keeps_to_the_pools_scale(models):
+    """A 1/64-scale demo base beside full-size models is never preset for a full-size pool (found in a
+    real WebUI: Check plan then failed with "all inputs must have the same architecture")."""
+    infos = Catalog(None).list([(p.name, str(p)) for p in sorted(models.iterdir())])
+    by_name = {i.name: i for i in infos}
+    assert pool_scale(by_name, ["sd1-a.safetensors"]) == by_name["sd1-base.safetensors"].scale > 1
+    assert guess_base(infos, "sd1", by_name["sd1-base.safetensors"].scale) == "sd1-base.safetensors"
+    assert guess_base(infos, "sd1", 1) is None
