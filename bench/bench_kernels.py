@@ -10,7 +10,7 @@ INPUT element (pool models only: time / (N · numel)). Each pair's outputs are a
 byte (a rewrite must not change the bytes).
 
 Inputs: N seeded fp16 fine-tunes of full-size SD1 keys held in memory (base + 0.05·std·randn, like
-astolfo_merge.demo), read the way the engine reads them (fp16 widened through fp32 into one stack per
+astolfo_merge.features.demo), read the way the engine reads them (fp16 widened through fp32 into one stack per
 chunk) and cut into row chunks with the engine's own rule and a 1.5 GiB merge budget. File reads and
 page faults are NOT included: this measures the methods' arithmetic, which is what dominated
 (TIES k = 0.2 at N = 8: ~54 ns per input element against ~0.5 ns to read it).

@@ -9,7 +9,7 @@ print the pairs in common.PAIRS (Ray / 2 workers among them).
 
 Prints wall time and peak private memory (RssAnon, read from /proc/<pid>/status of the child) per
 contender, the ratios mecha/ours, and the time to read the inputs once (`cat` to /dev/null). Inputs
-(base + seeded deltas, astolfo_merge.demo.write_synthetic) are generated once into --dir and shared
+(base + seeded deltas, astolfo_merge.features.demo.write_synthetic) are generated once into --dir and shared
 with bench_merge.py; `--scale 16` makes a quick smoke run. Both contenders compute in fp64.
 """
 import argparse

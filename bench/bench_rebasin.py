@@ -27,11 +27,11 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from astolfo_merge import arch as archmod  # noqa: E402
-from astolfo_merge.checkpoint import CheckpointReader, SafetensorsWriter  # noqa: E402
-from astolfo_merge.demo import model_tensor  # noqa: E402
-from astolfo_merge.rebasin.matching import inverse, weight_matching  # noqa: E402
-from astolfo_merge.rebasin.spec import build_spec, permute  # noqa: E402
+from astolfo_merge.features.demo import model_tensor  # noqa: E402
+from astolfo_merge.io import arch as archmod  # noqa: E402
+from astolfo_merge.io.checkpoint import CheckpointReader, SafetensorsWriter  # noqa: E402
+from astolfo_merge.methods.rebasin.matching import inverse, weight_matching  # noqa: E402
+from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
 
 
 def write_unet(path, arch, scale, variant, perms=None):

@@ -17,7 +17,7 @@ GIB = 1024 ** 3
 
 def make_inputs(folder, n, arch="sd1", scale=1, log=print) -> list:
     """Base + n seeded 'fine-tunes' (fp16), generated key by key; reused when already there."""
-    from astolfo_merge.demo import write_synthetic
+    from astolfo_merge.features.demo import write_synthetic
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(n + 1):

@@ -18,9 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail"):
-    from astolfo_merge.engine import RunOptions, run_merge
-    from astolfo_merge.plan import build_plan
-    from astolfo_merge.recipe import parse_recipe
+    from astolfo_merge.core.engine import RunOptions, run_merge
+    from astolfo_merge.core.plan import build_plan
+    from astolfo_merge.core.recipe import parse_recipe
     doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16",
            "nonfinite": nonfinite}
     if base:
@@ -31,8 +31,8 @@ def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, wor
 
 
 def mecha(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
-    import torch
     import sd_mecha
+    import torch
     models = [sd_mecha.model(p) for p in inputs]
     dtype = torch.float64 if precision == "fp64" else torch.float32
     if method == "n_average":

@@ -1,7 +1,7 @@
 """AstolfoMerge in the WebUI: the "AstolfoMerge" tab, its settings and "[Merger] …" XYZ axes.
 
 Glue only (ARCHITECTURE.md): the WebUI host below translates between `modules.*` and the
-backend's host interface (astolfo_merge/host.py); the tab, the jobs and the merges are the
+backend's host interface (astolfo_merge/ui/host.py); the tab, the jobs and the merges are the
 backend's. Contract followed: shared/design/A1111.md (v1.10.1) and HOSTS.md (Forge Classic, Forge Neo):
 - every host API is feature-detected by trying the attribute, never by the version string: the
   checkpoint folders (`--ckpt-dir` on A1111/Classic, the `--ckpt-dirs` list on Neo), the loader
@@ -26,16 +26,15 @@ import threading
 import time
 
 import gradio as gr
-
 from modules import cache, call_queue, paths, script_callbacks, scripts, sd_models, shared
 
 # Imported now, at load time: the extension folder is on sys.path only while this file executes.
-import astolfo_merge.live as merger_live
-import astolfo_merge.live_webui as live_webui
-import astolfo_merge.trials as trials
-import astolfo_merge.ui as merger_ui
+import astolfo_merge.features.live as merger_live
+import astolfo_merge.features.live_webui as live_webui
+import astolfo_merge.features.trials as trials
+import astolfo_merge.ui.tab as merger_ui
 from astolfo_merge.errors import RecipeError
-from astolfo_merge.host import Host, HostSettings
+from astolfo_merge.ui.host import Host, HostSettings
 
 # Not "Merger": A1111 and Forge Neo have a built-in "Checkpoint Merger" tab beside it.
 TAB_TITLE, TAB_ID = "AstolfoMerge", "astolfo_merge"

@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from astolfo_merge.demo import write_synthetic  # noqa: E402
+from astolfo_merge.features.demo import write_synthetic  # noqa: E402
 
 TEST_SCALE = 64
 SD1_FILES = {"sd1-base": None, "sd1-a": 1, "sd1-b": 2, "sd1-c": 3}

@@ -150,7 +150,7 @@ def _count(w, name) -> int:
 def random_unet(arch: str, scale: int, seed: int = 0, dtype=torch.float64) -> dict:
     """A random LDM UNet state dict at `scale` (real key names): weights ~ N(0, 1/fan_in), norm
     scales 1 ± 0.1, biases ±0.1 — non-trivial everywhere, so every permuted bias matters."""
-    from astolfo_merge import arch as archmod
+    from astolfo_merge.io import arch as archmod
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, spec in archmod.layout(arch, scale).items():

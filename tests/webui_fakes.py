@@ -17,7 +17,8 @@ import sys
 import threading
 import types
 
-from astolfo_merge import jobs, ui_catalog
+from astolfo_merge.core import jobs
+from astolfo_merge.ui import catalog as ui_catalog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "astolfo_merge_tab.py"

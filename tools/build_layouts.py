@@ -1,4 +1,4 @@
-"""Build astolfo_merge/layouts.json from ../shared/data/keys (run by hand; the package never reads ../shared).
+"""Build astolfo_merge/io/layouts.json from ../shared/data/keys (run by hand; the package never reads ../shared).
 
 The shipped file lists, per architecture, every canonical weight key with its full-size shape,
 component and whether its absence is harmless ("optional" in *our* policy, REPAIR.md §4: only
@@ -75,7 +75,7 @@ def main():
     }
     counts = {a: len(layouts[a]["keys"]) for a in ("sd1", "sd2", "sdxl")}
     assert counts == {"sd1": 1131, "sd2": 1228, "sdxl": 2515}, counts
-    target = ROOT / "astolfo_merge" / "layouts.json"
+    target = ROOT / "astolfo_merge" / "io" / "layouts.json"
     target.write_text(json.dumps(layouts, separators=(",", ":")))
     print(f"wrote {target} ({target.stat().st_size} bytes): {counts}")
 

@@ -22,16 +22,16 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from astolfo_merge.checkpoint import save_file  # noqa: E402
-from astolfo_merge.demo import write_synthetic  # noqa: E402
-from astolfo_merge.engine import RunOptions, run_merge  # noqa: E402
-from astolfo_merge.lora_synth import write_synthetic_lora  # noqa: E402
+from astolfo_merge.core.engine import RunOptions, run_merge  # noqa: E402
+from astolfo_merge.core.plan import build_plan  # noqa: E402
+from astolfo_merge.core.recipe import parse_recipe  # noqa: E402
+from astolfo_merge.features.demo import write_synthetic  # noqa: E402
+from astolfo_merge.features.lora_synth import write_synthetic_lora  # noqa: E402
+from astolfo_merge.features.repair import repair_file  # noqa: E402
+from astolfo_merge.features.swap import swap  # noqa: E402
+from astolfo_merge.io.checkpoint import save_file  # noqa: E402
 from astolfo_merge.methods import METHODS, TensorInputs  # noqa: E402
-from astolfo_merge.plan import build_plan  # noqa: E402
-from astolfo_merge.rebasin.spec import build_spec, permute  # noqa: E402
-from astolfo_merge.recipe import parse_recipe  # noqa: E402
-from astolfo_merge.repair import repair_file  # noqa: E402
-from astolfo_merge.swap import swap  # noqa: E402
+from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
 
 SCALE = 64
 SD1 = {"sd1-base": None, "sd1-a": 1, "sd1-b": 2, "sd1-c": 3}

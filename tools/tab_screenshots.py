@@ -14,10 +14,10 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from browser_helpers import launch, pick  # noqa: E402
+from astolfo_merge.features.demo import DEMO_SCALE, write_synthetic  # noqa: E402
+from astolfo_merge.io import arch  # noqa: E402
 
-from astolfo_merge import arch  # noqa: E402
-from astolfo_merge.demo import DEMO_SCALE, write_synthetic  # noqa: E402
+from browser_helpers import launch, pick  # noqa: E402
 
 NOVAE = "demo-sdxl-novae.safetensors"
 

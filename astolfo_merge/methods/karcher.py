@@ -17,8 +17,8 @@ import math
 import torch
 
 from ..errors import RecipeError
-from .shapes import GramMath, gram_key, iterative, stream_model
 from .registry import Method, Param, register
+from .shapes import GramMath, gram_key, iterative, stream_model
 
 
 def _alphas(params, n):

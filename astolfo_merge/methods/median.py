@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .shapes import GramMath, gram_key, iterative
 from .registry import Method, Param, register
+from .shapes import GramMath, gram_key, iterative
 
 EPS_HELP = "distance floor of the Weiszfeld weights 1/max(d, eps) (sd-mecha / geom_median default 1e-6)"
 MAXITER_HELP = "maximum Weiszfeld iterations"

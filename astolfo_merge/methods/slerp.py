@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from .shapes import GramMath, gram, gram_key
 from .registry import Method, Param, register
+from .shapes import GramMath, gram, gram_key
 
 DOT_THRESHOLD = 0.9995
 

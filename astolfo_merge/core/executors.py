@@ -1,0 +1,366 @@
+"""Running a plan's tasks in worker processes, supervised from the process that asked for the merge.
+
+Why processes: torch ops are single-threaded here (chunks are cache-sized), so more cores need
+more interpreters; and a worker that dies (SIGKILL, out of memory, SIGBUS when an input shrinks
+under its memory map) must not take the host (the WebUI, the standalone app) with it.
+
+How: the parent fixes the output header up front (a positioned `SafetensorsWriter`: header written,
+file sized), starts N workers as fresh interpreters (`python -m astolfo_merge.core.worker_main`, never a
+fork of the host and never a re-import of the host's `__main__`), sends each the pickled plan (plain
+data), the results of its whole-plan stages and the output's byte ranges, then hands out tasks as
+workers free up.
+Workers write their tensors with positioned writes and report each key; the parent hashes the
+finished prefix of the file meanwhile, and commits (fsync, atomic rename) when all keys are in.
+Any failure or a cancel kills every worker and removes the temp file.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+from ..errors import AstolfoError, Cancelled, CheckpointError
+from ..io.checkpoint import SafetensorsWriter
+from .tasks import cut_tasks
+
+WORKER_MODULE = "astolfo_merge.core.worker_main"
+WORKER_CHUNK_BYTES = 64 << 20       # the smallest chunk budget a worker is planned with
+AUTO_MIN_OUTPUT_BYTES = 64 << 20    # auto: smaller merges run in-process (starting a worker costs ~1 s)
+HASH_BLOCK = 8 << 20
+POLL_S = 0.1
+
+
+class WorkerError(AstolfoError):
+    """A worker process died or failed outside any key: names the cause."""
+
+
+def auto_process_count(memory_bytes: int, output_bytes: int, per_worker_bytes: int) -> int:
+    """Workers for `--workers 0`: one per usable core, as many as the budget gives each what it
+    needs (`per_worker_bytes`: interpreter + a chunk budget + the plan's largest workspace); 1
+    (in-process) for merges too small to pay for starting interpreters."""
+    if output_bytes < AUTO_MIN_OUTPUT_BYTES:
+        return 1
+    return max(1, min(usable_cores(), memory_bytes // max(1, per_worker_bytes)))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# -- the wire: length-prefixed pickles over the worker's stdin / stdout ---------------------------
+def send_frame(stream, obj):
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
+
+
+def read_frame(stream):
+    """The next object, or None at end of stream."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+def pack_error(exc: BaseException) -> tuple:
+    """An exception as plain data (user errors keep their class and fields; their constructors take
+    other arguments than `args`, so they do not survive a plain pickle round trip)."""
+    if isinstance(exc, AstolfoError):
+        cls = type(exc)
+        return ("astolfo", cls.__module__, cls.__qualname__, str(exc), dict(exc.__dict__))
+    return ("internal", type(exc).__name__, str(exc))
+
+
+def unpack_error(packed: tuple, trace: str = "") -> BaseException:
+    if packed[0] == "astolfo":
+        _, module, name, message, fields = packed
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, AstolfoError):
+            exc = cls.__new__(cls)
+            exc.args = (message,)
+            exc.__dict__.update(fields)
+            return exc
+        return AstolfoError(message)
+    return RuntimeError(f"merge worker failed: {packed[1]}: {packed[2]}" + (f"\n{trace}" if trace else ""))
+
+
+# -- workers ---------------------------------------------------------------------------------------
+class WorkerProcess:
+    """One worker interpreter: its pipes, the tail of its stderr, and the task it is running."""
+
+    def __init__(self, index: int, inbox: queue.Queue):
+        self.index, self.task, self.key, self.stopping = index, None, None, False
+        self.stderr_tail = collections.deque(maxlen=20)
+        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
+        self._outbox: queue.Queue = queue.Queue()
+        for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"), (self._feed, (), "-in")):
+            threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}").start()
+
+    def send(self, obj):
+        """Queue a message: the pipe takes it while the worker may still be importing torch, so the
+        parent never blocks on a worker (a dead one is reported by its reader)."""
+        self._outbox.put(obj)
+
+    def _feed(self):
+        while (obj := self._outbox.get()) is not None:
+            try:
+                send_frame(self.proc.stdin, obj)
+            except (OSError, ValueError):
+                return
+
+    def _pump(self, inbox):
+        try:
+            while (msg := read_frame(self.proc.stdout)) is not None:
+                inbox.put((self, msg))
+        except Exception as exc:  # noqa: BLE001 - a garbled stream is a dead worker
+            self.stderr_tail.append(f"unreadable message: {exc}")
+        inbox.put((self, ("exit",)))
+
+    def _drain_stderr(self):
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    def kill(self):
+        self._outbox.put(None)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def exit_cause(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+
+def worker_env() -> dict:
+    """The host's environment, this package importable (first, and not shadowed by the working
+    folder: PYTHONSAFEPATH, Python 3.11+), torch on one thread per worker."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONSAFEPATH"] = "1"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = "1"
+    return env
+
+
+class OrderedHasher:
+    """sha256 of the output, read back in file order as the finished prefix grows (page cache, a
+    background thread), so the digest is ready soon after the last key lands."""
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._hash, self._done, self._target = hashlib.sha256(), 0, 0
+        self._error, self._stop = None, False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="astolfo-hasher")
+        self._thread.start()
+
+    def advance(self, upto: int):
+        with self._cv:
+            self._target = max(self._target, upto)
+            self._cv.notify_all()
+
+    def finish(self, total: int) -> str:
+        self.advance(total)
+        with self._cv:
+            self._cv.wait_for(lambda: self._error or self._done >= total)
+        if self._error:
+            raise self._error
+        return self._hash.hexdigest()
+
+    def close(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join()
+        os.close(self._fd)
+
+    def _run(self):
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._target > self._done)
+                if self._stop:
+                    return
+                begin, end = self._done, min(self._target, self._done + HASH_BLOCK)
+            try:
+                data = _pread(self._fd, end - begin, begin)
+                if not data:
+                    raise OSError(f"output temp file ends at {begin} bytes")
+                self._hash.update(data)
+            except OSError as exc:
+                with self._cv:
+                    self._error = exc
+                    self._cv.notify_all()
+                return
+            with self._cv:
+                self._done = begin + len(data)
+                self._cv.notify_all()
+
+
+class Crew:
+    """Worker processes started as early as possible (a fresh interpreter needs a second or more to
+    import torch: meanwhile the parent hashes inputs and prepares). Closing kills what is left."""
+
+    def __init__(self, count: int):
+        self.inbox: queue.Queue = queue.Queue()
+        self.workers = [WorkerProcess(i, self.inbox) for i in range(count)]
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class WorkerRun:
+    """One merge's tasks on a crew, and the bookkeeping. `run()` returns (sha256, per-key logs)."""
+
+    def __init__(self, plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel):
+        self.plan, self.writer, self.setup, self.on_key, self.cancel = plan, writer, setup, on_key, cancel
+        self.workers, self.inbox = crew.workers, crew.inbox
+        self.tasks = collections.deque(cut_tasks(plan.keys, len(self.workers)))
+        self.ranges = writer.ranges()
+        self.done = [False] * len(plan.keys)
+        self.key_logs = {}
+        self.frontier = 0          # keys [0, frontier) are all written
+        self.inputs = input_stats(plan)
+
+    def run(self) -> tuple:
+        hasher = OrderedHasher(self.writer.tmp)
+        try:
+            hasher.advance(self.writer.data_start)
+            for w in self.workers:
+                w.send(("setup", self.setup))
+                self._assign(w)
+            self._supervise(hasher)
+            return hasher.finish(self.writer.total_bytes), [line for i in sorted(self.key_logs) for line in self.key_logs[i]]
+        finally:
+            hasher.close()
+
+    def _assign(self, w: WorkerProcess):
+        if self.tasks:
+            w.task = self.tasks.popleft()
+            w.send(("task", w.task.id, w.task.first, w.task.stop))
+        else:
+            w.task, w.stopping = None, True
+            w.send(("stop",))
+
+    def _supervise(self, hasher):
+        left = len(self.plan.keys)
+        while left:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled()
+            try:
+                w, msg = self.inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            kind = msg[0]
+            if kind == "key":
+                _, index, lines = msg
+                left -= self._key_done(index, lines, hasher)
+            elif kind == "started":
+                w.key = self.plan.keys[msg[1]].key
+            elif kind == "task":
+                self._assign(w)
+            elif kind == "error":
+                raise unpack_error(msg[1], msg[2])
+            elif kind == "exit" and not w.stopping:
+                raise self._death(w)
+
+    def _key_done(self, index, lines, hasher) -> int:
+        if self.done[index]:
+            return 0
+        self.done[index] = True
+        if lines:
+            self.key_logs[index] = lines
+        while self.frontier < len(self.done) and self.done[self.frontier]:
+            self.frontier += 1
+        if self.frontier < len(self.done):
+            hasher.advance(self.ranges[self.plan.keys[self.frontier].key][0])
+        else:
+            hasher.advance(self.writer.total_bytes)
+        self.on_key(index)
+        return 1
+
+    def _death(self, w: WorkerProcess) -> AstolfoError:
+        """Why a worker is gone: an input that changed under it (named), else how it died."""
+        cause = w.exit_cause()
+        changed = changed_input(self.inputs, f"the worker reading it {cause}")
+        if changed is not None:
+            return changed
+        where = f" while merging key '{w.key}'" if w.key else ""
+        tail = "; ".join(line for line in list(w.stderr_tail)[-3:] if line)
+        return WorkerError(f"merge worker {w.index + 1} of {len(self.workers)} {cause}{where}; no output was written"
+                           + (f" (its last output: {tail})" if tail else ""))
+
+
+def _pread(fd, size, at) -> bytes:
+    if hasattr(os, "pread"):
+        return os.pread(fd, size, at)
+    os.lseek(fd, at, os.SEEK_SET)     # Windows: this fd is the hasher's alone
+    return os.read(fd, size)
+
+
+def input_stats(plan) -> dict:
+    """path -> (size, mtime_ns) of every input, to tell later whether one changed mid-merge."""
+    return {s.path: _stat(s.path) for s in plan.sources}
+
+
+def changed_input(stats: dict, consequence: str) -> CheckpointError | None:
+    """The first input whose size or mtime differs from `stats`, as the error to report, else None.
+    Why: a file shrinking under a read shows up as a crash (SIGBUS) or a garbled tensor far from
+    its cause; the user needs the file's name."""
+    for path, before in stats.items():
+        now = _stat(path)
+        if now != before:
+            was, size = before[0] if before else None, now[0] if now else None
+            what = ("was deleted" if now is None else f"shrank from {was} to {size} bytes" if was and size < was
+                    else f"changed (size {was} -> {size} bytes, new mtime)")
+            return CheckpointError(path, f"{what} during the merge; {consequence}; no output was written")
+    return None
+
+
+def _stat(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def run_tasks(plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel) -> tuple:
+    """Fill `writer` (positioned) with `plan`'s keys on the crew's workers; (sha256, key logs)."""
+    setup = dict(setup, tmp=writer.tmp, ranges=writer.ranges(), dtypes={k: d for k, d, _s in writer.entries})
+    return WorkerRun(plan, writer, setup, crew, on_key, cancel).run()

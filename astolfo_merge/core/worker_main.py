@@ -1,0 +1,122 @@
+"""A merge worker process: `python -m astolfo_merge.core.worker_main`, driven over stdin / stdout.
+
+Started fresh by `executors.WorkerProcess` (never forked from the host). Receives the plan (data),
+the results of its whole-plan stages (data: prepared method state, the LoRA files to bake, the
+Fermat temp file and matching) and the output's byte ranges once ("setup"), then tasks (runs of key
+indices); for each key it reports "started" and "key" (with the key's log lines), for each task
+"task". Any failure is sent back as data ("error") before the process exits.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+from ..io.checkpoint import CheckpointReader, RangeWriter
+from .engine import _write_key
+from .executors import pack_error, read_frame, send_frame
+from .stage_run import Bindings
+
+
+class ChunkSender:
+    """A writer that sends a key's chunks to the parent ("chunk", key, dtype, bytes) instead of writing
+    a file, gathered into frames of about FRAME_BYTES (methods produce cache-sized chunks; a frame
+    each would cost more in pickling than in arithmetic); "rewind" when a key starts over."""
+
+    FRAME_BYTES = 8 << 20
+
+    def __init__(self, outbox):
+        self.outbox, self.key, self.dtype, self.parts, self.size = outbox, None, None, [], 0
+
+    def write(self, key, chunk: torch.Tensor):
+        if key != self.key:
+            self.flush()
+            self.key, self.dtype = key, str(chunk.dtype).replace("torch.", "")
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self.parts.append(data)
+        self.size += len(data)
+        if self.size >= self.FRAME_BYTES:
+            self.flush()
+
+    def flush(self):
+        if self.parts:
+            send_frame(self.outbox, ("chunk", self.key, self.dtype, b"".join(self.parts)))
+        self.parts, self.size = [], 0
+
+    def rewind(self, key):
+        self.parts, self.size = [], 0
+        send_frame(self.outbox, ("rewind", key))
+
+    def close(self):
+        self.flush()
+
+
+def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop: int, started=None, finished=None,
+             sender=None):
+    """The per-task code every executor shares (worker processes, Ray): keys plan.keys[first:stop],
+    read from the inputs' paths and written with positioned writes into `ranges` of the temp output
+    `tmp` — or, given a `sender` (ChunkSender: live merges), sent back to the parent instead.
+    `started(index)` / `finished(index, log_lines)` are called around each key."""
+    plan, bound = setup["plan"], Bindings(setup["plan"], setup["results"])
+    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
+    throttle = setup.get("throttle", 0.0)
+    readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
+    writer = None
+    try:
+        writer = sender if sender is not None else RangeWriter(tmp, ranges, dtypes)
+        for index in range(first, stop):
+            if started is not None:
+                started(index)
+            log = []
+            _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
+            if sender is not None:
+                sender.flush()
+            if finished is not None:
+                finished(index, log)
+            if throttle:
+                time.sleep(throttle)
+    finally:
+        if writer is not None and writer is not sender:
+            writer.close()
+        bound.close()
+        for r in readers:
+            r.close()
+
+
+def serve(inbox, outbox):
+    setup = read_frame(inbox)
+    if setup is None:
+        return
+    setup = setup[1]
+    sender = ChunkSender(outbox) if setup.get("send_chunks") else None   # live merges: chunks back over the pipe
+    started = lambda index: send_frame(outbox, ("started", index))  # noqa: E731
+    finished = lambda index, log: send_frame(outbox, ("key", index, log))  # noqa: E731
+    while (msg := read_frame(inbox)) is not None and msg[0] == "task":
+        _, task_id, first, stop = msg
+        run_keys(setup, setup.get("tmp"), setup.get("ranges"), setup.get("dtypes"), first, stop, started, finished,
+                 sender)
+        send_frame(outbox, ("task", task_id))
+
+
+def main():
+    torch.set_num_threads(1)
+    # The protocol owns the real stdout; anything else printed goes to stderr.
+    outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    inbox = sys.stdin.buffer
+    try:
+        with torch.no_grad():
+            serve(inbox, outbox)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as data
+        try:
+            send_frame(outbox, ("error", pack_error(exc), traceback.format_exc(limit=8)))
+        except OSError:
+            pass
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
