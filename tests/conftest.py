@@ -16,6 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
+from astolfo_merge.core.engine import RunOptions, run_merge  # noqa: E402
+from astolfo_merge.core.plan import build_plan  # noqa: E402
+from astolfo_merge.core.recipe import Recipe, parse_recipe  # noqa: E402
 from astolfo_merge.features.demo import write_synthetic  # noqa: E402
 
 TEST_SCALE = 64
@@ -79,6 +82,16 @@ def make_checkpoint(tmp_path):
     return make
 
 
+def run_recipe(models, recipe, output=None, progress=None, cancel=None, **options):
+    """The tests' one recipe -> plan -> run: `recipe` (a Recipe or its dict) planned over the `models`
+    folder (into `output`, else the recipe's own name there) and merged with RunOptions(hash_inputs=False,
+    **options). Returns the MergeResult."""
+    if not isinstance(recipe, Recipe):
+        recipe = parse_recipe(recipe)
+    plan = build_plan(recipe, None if models is None else str(models), None if output is None else str(output))
+    return run_merge(plan, RunOptions(**{"hash_inputs": False, **options}), progress=progress, cancel=cancel)
+
+
 def close(a: torch.Tensor, b: torch.Tensor, rtol=1e-12, atol=1e-12) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol)
 
@@ -90,6 +103,15 @@ def run_cli(*args, cwd, env_extra=None, preexec=None, stdout=None, timeout=120):
     return subprocess.run([sys.executable, "-m", "astolfo_merge", *map(str, args)], cwd=cwd, env=env, timeout=timeout,
                           stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE, text=True,
                           preexec_fn=preexec)
+
+
+def cli(*args, cwd=None):
+    """`python -m astolfo_merge ARGS` (cwd and HOME: `cwd`, else the repository): (returncode, stdout, stderr)."""
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "astolfo_merge", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "HOME": str(cwd or ROOT),
+                                                                "PATH": "/usr/bin:/bin"})
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def one_line_error(proc, *needles, code=2) -> str:

@@ -1,85 +1,75 @@
-"""Import cycles among the package's modules, read from the source (AST), not by importing it.
+"""Report import loops in astolfo_merge: between modules (module-level imports) and between packages.
 
-Why: a cycle hidden by an import inside a function still ties the modules together (neither can be
-understood, tested or moved alone) and breaks as soon as someone hoists the import. This counts
-every intra-package import, at module level or inside a function, and prints the strongly
-connected components of that graph: module-level cycles, and those that only the lazy imports
-close. Exit status 1 when there is any cycle.
+Why: issue 17 asks for arrows pointing down only. A loop hidden by a lazy import (inside a function) is
+still a loop of design, so `--lazy` counts those too.
 
-    python tools/import_cycles.py [package folder, default astolfo_merge]
+    .venv/bin/python tools/import_cycles.py [--lazy]
 """
 from __future__ import annotations
 
 import ast
+import pathlib
 import sys
-from pathlib import Path
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PKG = "astolfo_merge"
 
 
-def module_name(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _resolve(current: str, is_package: bool, node: ast.ImportFrom) -> str:
-    if not node.level:
-        return node.module or ""
-    parts = current.split(".")
-    base = parts if is_package else parts[:-1]
-    base = base[:len(base) - (node.level - 1)]
-    return ".".join(base + ([node.module] if node.module else []))
+def resolve(mod: str, is_pkg: bool, level: int, target: str | None) -> str:
+    if not level:
+        return target or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
 
 
-def _targets(name: str, modules: set) -> set:
-    """A module and the packages it lives in (importing a.b.c runs a/__init__ and a/b/__init__)."""
-    out, parts = set(), name.split(".")
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if prefix in modules:
-            out.add(prefix)
-    return out
+def imports(path: pathlib.Path, modules: set, lazy: bool) -> set:
+    mod, is_pkg = module_name(path), path.name == "__init__.py"
+    tree = ast.parse(path.read_text())
+    nodes = ast.walk(tree) if lazy else tree.body
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve(mod, is_pkg, node.level, node.module)
+            names = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != mod and name.startswith(PKG):
+                found.add(name)
+    return found
 
 
-def imports(root: Path) -> tuple:
-    """{module: {imported module: 'module' | 'lazy'}} for intra-package imports."""
-    files = {module_name(root, p): p for p in sorted(root.rglob("*.py"))}
+def graph(lazy: bool) -> dict:
+    files = {module_name(p): p for p in (ROOT / PKG).rglob("*.py")}
     modules = set(files)
-    graph = {}
-    for name, path in files.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-        edges = graph.setdefault(name, {})
-        top = set(map(id, tree.body))
-        for node in ast.walk(tree):
-            found = set()
-            if isinstance(node, ast.Import):
-                for alias in node.names:
-                    found |= _targets(alias.name, modules)
-            elif isinstance(node, ast.ImportFrom):
-                base = _resolve(name, path.name == "__init__.py", node)
-                found |= _targets(base, modules)
-                for alias in node.names:
-                    found |= _targets(f"{base}.{alias.name}", modules)
-            kind = "module" if id(node) in top else "lazy"
-            for target in found - {name}:
-                if edges.get(target) != "module":
-                    edges[target] = kind
-    return graph, modules
+    g = {m: imports(p, modules, lazy) for m, p in files.items()}
+    for m in g:     # importing a.b.c runs a/__init__ and a/b/__init__ first
+        g[m] = {d for d in g[m] if not m.startswith(d + ".")}
+    return g
 
 
-def cycles(graph: dict, kinds=("module", "lazy")) -> list:
-    """Strongly connected components with more than one module (Tarjan), each sorted."""
+def sccs(g: dict) -> list:
+    """Tarjan: the strongly connected components with more than one member (each is an import loop)."""
     index, low, stack, on, out = {}, {}, [], set(), []
-    counter = [0]
+    sys.setrecursionlimit(10000)
 
     def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
+        index[v] = low[v] = len(index)
         stack.append(v)
         on.add(v)
-        for w, kind in graph.get(v, {}).items():
-            if kind not in kinds:
-                continue
+        for w in g.get(v, ()):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -95,28 +85,34 @@ def cycles(graph: dict, kinds=("module", "lazy")) -> list:
                     break
             if len(comp) > 1:
                 out.append(sorted(comp))
-
-    sys.setrecursionlimit(10000)
-    for v in sorted(graph):
+    for v in sorted(g):
         if v not in index:
             visit(v)
-    return sorted(out)
+    return out
 
 
-def report(root: Path) -> int:
-    graph, _modules = imports(root)
-    top = cycles(graph, ("module",))
-    every = cycles(graph)
-    print(f"module-level import cycles: {len(top)}")
-    for comp in top:
+def package_of(mod: str) -> str:
+    parts = mod.split(".")
+    return ".".join(parts[:2]) if len(parts) > 2 else mod
+
+
+def main(argv) -> int:
+    lazy = "--lazy" in argv
+    g = graph(lazy)
+    loops = sccs(g)
+    pg = {}
+    for m, deps in g.items():
+        pg.setdefault(package_of(m), set()).update(package_of(d) for d in deps if package_of(d) != package_of(m))
+    ploops = sccs(pg)
+    kind = "module-level and lazy" if lazy else "module-level"
+    print(f"{kind} import loops between modules: {len(loops)}")
+    for comp in loops:
         print("  " + " <-> ".join(comp))
-    print(f"cycles counting imports inside functions too: {len(every)}")
-    for comp in every:
-        lazy = sorted(f"{a} -> {b}" for a in comp for b, k in graph[a].items() if b in comp and k == "lazy")
-        print("  " + " <-> ".join(comp) + (f"\n    closed by lazy imports: {'; '.join(lazy)}" if lazy else ""))
-    return 1 if every else 0
+    print(f"{kind} import loops between packages: {len(ploops)}")
+    for comp in ploops:
+        print("  " + " <-> ".join(comp))
+    return 0
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "astolfo_merge")
-    sys.exit(report(folder.resolve()))
+    sys.exit(main(sys.argv[1:]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .commands import memory_gb_arg, register_command
+from .common import memory_gb_arg
 
 
 def cmd_analyze(args):
@@ -33,7 +33,6 @@ def cmd_analyze(args):
     return 0
 
 
-@register_command
 def add_analyze(sub):
     p = sub.add_parser("analyze", help="per-component L2 distance to a base (or the pool mean) and delta cosines",
                        description="Streams key by key in fp64 within --memory-gb; the seeds' 'L2 diagrams'.")

@@ -12,32 +12,9 @@ import sys
 import threading
 
 from .. import __version__
-from ..errors import AstolfoError, OptionError, check_memory_gb, check_throttle
-
-DEFAULT_MODELS_DIR = os.environ.get("ASTOLFO_MODELS_DIR", os.path.join(os.getcwd(), "models"))
-
-
-def _progress_printer(stream=sys.stderr, interval=0.5):
-    """A one-line progress bar, redrawn at most every `interval` seconds (plain lines off a TTY)."""
-    state = {"len": 0, "last": 0.0}
-    tty = stream.isatty()
-
-    def show(p):
-        final = p.keys_done == p.keys_total and not p.message
-        if not final and p.elapsed - state["last"] < interval and not p.message:
-            return
-        state["last"] = p.elapsed
-        width = 30
-        filled = int(width * p.fraction)
-        eta = f" ETA {p.eta:4.0f}s" if p.eta is not None and not final else f" {p.elapsed:.1f}s"
-        text = p.message or f"[{'#' * filled}{'.' * (width - filled)}] {100 * p.fraction:5.1f}% keys {p.keys_done}/{p.keys_total}{eta}"
-        if tty:
-            stream.write("\r" + text.ljust(state["len"]) + ("\n" if final else ""))
-            state["len"] = len(text)
-        else:
-            stream.write(text + "\n")
-        stream.flush()
-    return show
+from ..errors import AstolfoError
+from . import analysis, app, lora, rebasin, repair
+from .common import DEFAULT_MODELS_DIR, THROTTLE_HELP, OneLineParser, memory_gb_arg, progress_printer, throttle_arg
 
 
 def _workers(text):
@@ -72,7 +49,7 @@ def cmd_merge(args):
           file=sys.stderr)
     for line in plan.log:
         print(f"  note: {line}", file=sys.stderr)
-    result = run_merge(plan, options, progress=None if args.quiet else _progress_printer(), cancel=threading.Event())
+    result = run_merge(plan, options, progress=None if args.quiet else progress_printer(), cancel=threading.Event())
     for line in result.log[len(plan.log):]:
         print(f"  note: {line}", file=sys.stderr)
     print(result.summary())
@@ -123,35 +100,9 @@ def cmd_demo(args):
                            "method": "n_average", "output": "demo-sd1-average.safetensors"})
     plan = build_plan(recipe, args.models_dir)
     print(f"merging {recipe.pool} with n_average -> {plan.output}")
-    result = run_merge(plan, RunOptions(overwrite=True), progress=_progress_printer())
+    result = run_merge(plan, RunOptions(overwrite=True), progress=progress_printer())
     print(result.summary())
     return 0
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line like every other bad input: one line, exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-THROTTLE_HELP = "pause after each key, in every worker (default 0): leaves a shared disk and CPU to others"
-
-
-def throttle_arg(text: str) -> float:
-    """argparse `type` of every --throttle: seconds from 0 to 60."""
-    try:
-        return check_throttle(text, "--throttle")
-    except OptionError as exc:
-        raise argparse.ArgumentTypeError(exc.problem) from None
-
-
-def memory_gb_arg(text: str) -> float:
-    """argparse `type` of every --memory-gb: a finite number of GB above 0."""
-    try:
-        return check_memory_gb(text, "--memory-gb")
-    except OptionError as exc:
-        raise argparse.ArgumentTypeError(exc.problem) from None
 
 
 def build_parser():
@@ -198,28 +149,10 @@ def build_parser():
     t.add_argument("--models-dir", default=DEFAULT_MODELS_DIR)
     t.set_defaults(func=cmd_demo)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    for add in (app.add_app_command, repair.add_repair, repair.add_swap, analysis.add_analyze, rebasin.add,
+                lora.add):
+        add(sub)
     return p
-
-
-_EXTRA_COMMANDS = []
-
-
-def register_command(fn):
-    """Other modules (app, repair, analysis) add their sub-commands through this hook."""
-    _EXTRA_COMMANDS.append(fn)
-    return fn
-
-
-def _load_extensions():
-    import importlib
-    for name in ("app", "repair_cli", "analysis_cli", "rebasin_cli", "lora_cli"):
-        try:
-            importlib.import_module(f"astolfo_merge.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"astolfo_merge.{name}":
-                raise
 
 
 class Interrupted(KeyboardInterrupt):
@@ -250,7 +183,6 @@ def _install_stop_handlers() -> dict:
 
 
 def main(argv=None) -> int:
-    _load_extensions()
     args = build_parser().parse_args(argv)
     if hasattr(signal, "SIGXFSZ"):   # a file-size limit becomes an OSError we clean up after, not a kill
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from ..errors import RecipeError
-from .commands import _progress_printer, memory_gb_arg, register_command
+from .common import memory_gb_arg, progress_printer
 
 
 def parse_lora_arg(text: str, when: str = "after") -> dict:
@@ -46,12 +46,11 @@ def cmd_bake(args):
     for line in plan.log:
         print(f"  note: {line}", file=sys.stderr)
     options = RunOptions(device=args.device, memory_gb=args.memory_gb, overwrite=args.overwrite, hash_inputs=not args.no_hash)
-    result = run_merge(plan, options, progress=None if args.quiet else _progress_printer(), cancel=threading.Event())
+    result = run_merge(plan, options, progress=None if args.quiet else progress_printer(), cancel=threading.Event())
     print(result.summary())
     return 0
 
 
-@register_command
 def add(sub):
     p = sub.add_parser("bake", help="bake LoRA / LyCORIS files into a checkpoint at a strength")
     p.add_argument("model", help="the checkpoint to bake into")

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from .commands import register_command
-
 
 def describe(node) -> str:
     """One line for a spec tree: how its range splits and what may move."""
@@ -40,7 +38,6 @@ def cmd_rebasin_spec(args):
     return 0
 
 
-@register_command
 def add(sub):
     p = sub.add_parser("rebasin-spec", help="list the function-preserving Re-Basin permutation groups of a UNet")
     p.add_argument("--arch", default="sdxl", choices=["sd1", "sd2", "sdxl"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .commands import DEFAULT_MODELS_DIR, _progress_printer, register_command
+from .common import DEFAULT_MODELS_DIR, progress_printer
 
 
 def cmd_repair(args):
@@ -37,14 +37,13 @@ def cmd_swap(args):
     from ..features.swap import swap
     result = swap(args.unet, args.output, te0=args.te0, te1=args.te1, vae=args.vae, models_dir=args.models_dir,
                   dtype=args.dtype, overwrite=args.overwrite, hash_inputs=not args.no_hash,
-                  progress=None if args.quiet else _progress_printer())
+                  progress=None if args.quiet else progress_printer())
     for line in result.log:
         print(f"  note: {line}", file=sys.stderr)
     print(result.summary())
     return 0
 
 
-@register_command
 def add_repair(sub):
     p = sub.add_parser("repair", help="fill a pruned / 'BROKEN' checkpoint's missing keys from a base (never strips)",
                        description="Output key set = the canonical keys of the detected architecture + the file's "
@@ -62,7 +61,6 @@ def add_repair(sub):
     p.set_defaults(func=cmd_repair)
 
 
-@register_command
 def add_swap(sub):
     p = sub.add_parser("swap", help="this file's UNET + that file's TE0/TE1/VAE, as one new checkpoint",
                        description="Components not named come from the --unet file (as do marker keys). Runs as a "

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
-from ..features.fermat import fermat_stages
-from ..features.lora import attach_loras, find_lora
 from ..io import arch as archmod
 from ..io.checkpoint import NAME_OF, OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
 from ..methods import get_method
 from ..methods.shapes import key_peak_bytes
+from .fermat import fermat_stages
+from .lora import attach_loras, find_lora
 from .recipe import ComponentRule, Recipe, check_block_names
 from .stages import LORAS, Stage, prepare_result
 

@@ -14,10 +14,10 @@ import os
 import threading
 
 from ..errors import CheckpointError
-from ..features.fermat import base_source, combine, match
-from ..features.lora import lora_bake
 from ..io.checkpoint import CheckpointReader
 from ..methods import get_method
+from .fermat import base_source, combine, match
+from .lora import lora_bake
 from .stages import FERMAT_A, FERMAT_MATCH, LORAS, prepare_result
 
 

@@ -54,7 +54,7 @@ def _embedded_recipe(meta: dict):
 def _add_lora_description(report, header):
     """A LoRA / LyCORIS file is refused as a checkpoint; say what it is instead (type, rank, components)."""
     try:
-        from .lora import describe
+        from ..core.lora import describe
     except ImportError:
         return
     lora = describe(header)

@@ -13,7 +13,8 @@ Two forms, chosen per key by shapes.py (the method declares the iterative shape)
   pass. Agrees with the direct form to ~1e-9 relative: the minimum is flat, so any Weiszfeld run
   (this one, sd-mecha's, another summation order) fixes the point only to ~√ulp of the objective.
 
-The TIES family (droptrim.py) reuses `median_math` for TGMD/DGMLA with its filtered deltas.
+Karcher (karcher.py) reuses the Gram helpers (shapes.py); the TIES family (ties.py) reuses `median_math`
+for TGMD/DGMLA with its filtered deltas.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Event handlers of the Merger tab (the layout is in ui.py).
+"""Event handlers of the Merger tab (the layout is in tab.py).
 
 Handlers are plain methods over widget values: they read the form, by field name, into a
-`Recipe` (ui_state.py maps rows to rules), call the backend (plan, jobs, recipe) and return
+`Recipe` (state.py maps rows to rules), call the backend (plan, jobs, recipe) and return
 updates. They never wait for a merge: Merge submits a job, the page's poll reads snapshots.
 """
 from __future__ import annotations

@@ -184,7 +184,7 @@ class Host:
     def lora_files(self) -> list:
         """(recipe name, lora.list_loras entry) of every LoRA in `lora_dirs()`, sorted by name. The name is
         one `lora.find_lora` resolves back to the same file (relative when it can, else absolute)."""
-        from ..features.lora import find_lora, list_loras
+        from ..core.lora import find_lora, list_loras
         found = {}
         for folder in self.lora_dirs():
             for entry in list_loras(folder):

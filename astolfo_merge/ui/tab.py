@@ -2,16 +2,15 @@
 
 `build_tab(host)` returns a `gr.Blocks` built outside any context; the WebUI renders it as a tab
 (`on_ui_tabs`), the standalone app renders it into its own page. Everything host-specific goes
-through `host` (host.py); forms come from the method declarations (ui_forms.py); merges run as
-background jobs (jobs.py) that the page polls through a hidden button clicked by
+through `host` (host.py); forms come from the method declarations (forms.py); merges run as
+background jobs (core/jobs.py) that the page polls through a hidden button clicked by
 javascript/astolfo_merge.js, so a reloaded page re-attaches to a running merge.
 
-Sub-tabs of other features (Repair, Analysis) are added by `add_feature_tabs` when their modules
-exist; nothing of them is implemented here.
+The Repair and Analysis sub-tabs are built by their own modules (repair_tab.py, analysis_tab.py);
+`add_feature_tabs` places them.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import gradio as gr
@@ -20,6 +19,7 @@ import torch
 from ..core import jobs
 from ..core.recipe import OUTPUT_DTYPES
 from ..methods import METHODS
+from . import analysis_tab, repair_tab
 from .catalog import default_catalog
 from .compat import listen, make, poll_options
 from .forms import BlockWeights, ParamForm
@@ -30,39 +30,21 @@ from .words import error_text
 
 ELEM = "astolfo_merge"
 NONE = "(none)"
-# Feature sub-tabs: (title, candidate modules); the first module found that has `build_ui(host)`
-# is rendered inside a gr.Tab of that title. Missing modules are skipped silently.
-FEATURE_TABS = (
-    ("Repair", ("astolfo_merge.ui.repair_tab", "astolfo_merge.features.repair")),
-    ("Analysis", ("astolfo_merge.ui.analysis_tab", "astolfo_merge.features.analysis")),
-)
-
-
 def build_tab(host, catalog=None) -> gr.Blocks:
     """The whole tab for `host` (WebUI or standalone), ready to be rendered."""
     return MergerTab(host, catalog).build()
 
 
-def add_feature_tabs(host, panels: dict | None = None):
-    """Render the sub-tabs of optional features whose modules are present (see FEATURE_TABS); their
-    builders' return values (the panels) go into `panels` by title when it is given."""
+def add_feature_tabs(host, panels: dict | None = None) -> list:
+    """Render the Repair and Analysis sub-tabs; their builders' return values (the panels) go into
+    `panels` by title when it is given. Returns the titles added."""
     added = []
-    for title, modules in FEATURE_TABS:
-        for name in modules:
-            try:
-                module = importlib.import_module(name)
-            except ModuleNotFoundError as exc:
-                if exc.name == name:
-                    continue
-                raise
-            builder = getattr(module, "build_ui", None)
-            if callable(builder):
-                with gr.Tab(title, elem_id=f"{ELEM}_tab_{title.lower()}"):
-                    panel = builder(host)
-                added.append(title)
-                if panels is not None:
-                    panels[title] = panel
-                break
+    for title, module in (("Repair", repair_tab), ("Analysis", analysis_tab)):
+        with gr.Tab(title, elem_id=f"{ELEM}_tab_{title.lower()}"):
+            panel = module.build_ui(host)
+        added.append(title)
+        if panels is not None:
+            panels[title] = panel
     return added
 
 

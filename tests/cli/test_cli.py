@@ -1,18 +1,9 @@
 """The CLI: exit codes (0 ok, 2 bad input without traceback), methods listing, inspect, merge."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
-
-
-def cli(*args, cwd=None):
-    proc = subprocess.run([sys.executable, "-m", "astolfo_merge", *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "HOME": str(cwd or ROOT),
-                                                                "PATH": "/usr/bin:/bin"})
-    return proc.returncode, proc.stdout, proc.stderr
+from conftest import cli
 
 
 def test_methods_json_lists_every_parameter_with_type_default_range_and_help():
@@ -24,6 +15,7 @@ def test_methods_json_lists_every_parameter_with_type_default_range_and_help():
     assert alpha["name"] == "alpha" and alpha["type"] == "float" and alpha["help"] and alpha["min"] is not None
 
 
+@pytest.mark.slow
 def test_merge_writes_the_output_and_prints_a_summary(models, tmp_path):
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum",
@@ -47,6 +39,7 @@ def test_bad_input_exits_2_with_one_clear_message(models, tmp_path, doc, needle)
     assert rc == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_inspect_json_identifies_architecture_and_components(demo_dir, tmp_path):
     rc, out, err = cli("inspect", "--json", demo_dir / "sdxl-pruned.safetensors", cwd=tmp_path)
     assert rc == 0, err
@@ -56,6 +49,7 @@ def test_inspect_json_identifies_architecture_and_components(demo_dir, tmp_path)
     assert rc == 2 and "no such file" in err
 
 
+@pytest.mark.slow
 def test_demo_models_writes_identifiable_sd1_and_sdxl_files(tmp_path):
     rc, out, err = cli("demo-models", tmp_path / "demo", "--scale", "64", cwd=tmp_path)
     assert rc == 0, err

@@ -14,15 +14,13 @@ from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import ArchitectureError, Cancelled, MemoryBudgetError
 from astolfo_merge.io import arch
 
-from conftest import load, metadata
+from conftest import load, metadata, run_recipe
 
 OPTS = dict(hash_inputs=False)
 
 
 def merge(models, doc, name="out.safetensors", **opts):
-    recipe = parse_recipe({"output": name, "dtype": "fp32", **doc})
-    plan = build_plan(recipe, str(models))
-    result = run_merge(plan, RunOptions(**{**OPTS, **opts}))
+    result = run_recipe(models, {"output": name, "dtype": "fp32", **doc}, **opts)
     return load(result.path), result
 
 
@@ -53,6 +51,7 @@ def test_add_difference_matches_the_webui_formula_on_every_key(models):
     assert_matches(out, {k: a[k] + (b[k] - c[k]) * 0.7 for k in weights(a)})
 
 
+@pytest.mark.slow
 def test_n_average_equals_the_fp64_mean_and_weighted_mean(models):
     names = ["sdxl-a", "sdxl-b", "sdxl-c", "sdxl-base"]
     sds = [as64(load(models / f"{n}.safetensors")) for n in names]
@@ -70,6 +69,7 @@ def test_amplify_extrapolates_away_from_the_base(models):
     assert_matches(out, {k: r[k] + 2.0 * (x[k] - r[k]) for k in weights(x)})
 
 
+@pytest.mark.slow
 def test_same_recipe_gives_byte_identical_output_and_chunking_does_not_change_it(models):
     doc = {"pool": ["sdxl-a.safetensors", "sdxl-b.safetensors", "sdxl-c.safetensors"], "method": "n_average", "dtype": "fp16"}
     digests = []
@@ -160,6 +160,7 @@ def test_cancel_leaves_no_output_and_no_temp_file(models):
     assert sorted(os.listdir(models)) == before
 
 
+@pytest.mark.slow
 def test_metadata_embeds_the_recipe_inputs_and_webui_fields_and_rerunning_it_gives_the_same_bytes(models, tmp_path):
     doc = {"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum", "params": {"alpha": 0.3},
            "output": "meta.safetensors"}

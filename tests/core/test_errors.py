@@ -179,6 +179,7 @@ def test_not_a_checkpoint_from_the_cli_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("text,needle", [("{not json", "not valid JSON"), ("[" * 5000 + "]" * 5000, "nested too deeply"),
                                          ("[1, 2]", "JSON object"), ('{"seed": ' + "9" * 5000 + "}", "5000 digits")])
+@pytest.mark.slow
 def test_inspect_reports_an_unreadable_embedded_recipe_and_keeps_the_rest(models, tmp_path, text, needle):
     from conftest import load
     save_file(load(models / "sd1-a.safetensors"), tmp_path / "m.safetensors", metadata={"astolfo_merge_recipe": text})
@@ -230,6 +231,7 @@ def test_a_recipe_file_that_is_not_utf8_deep_or_huge_is_refused_naming_the_file(
     assert str(path) in str(err.value) or name.startswith("seed")
 
 
+@pytest.mark.slow
 def test_a_bad_recipe_from_the_cli_is_one_line(tmp_path):
     for name in ("latin-1", "deep", "huge-seed"):
         path = recipe_file(tmp_path, BAD_RECIPES[name][0], f"{name}.json")
@@ -268,16 +270,6 @@ def test_a_memory_budget_that_is_not_a_positive_finite_number_is_refused(models,
         StandaloneHost(str(models)).run_options(memory_gb=value)   # what the tab's and the app's Merge / Check plan build
     with pytest.raises(OptionError, match="memory budget"):
         analyze([str(models / p) for p in POOL], memory_gb=value)
-
-
-def test_the_tab_answers_a_nan_budget_with_a_message_not_an_exception(models):
-    pytest.importorskip("gradio")
-    from test_tab import CATALOG, Form, MergerTab
-    tab = MergerTab(StandaloneHost(str(models)), CATALOG)
-    tab.blocks = tab.build()
-    form = Form(tab).pool(*POOL).set(tab.memory, float("nan"))
-    message, _recipe = tab.on_check(*form.values)
-    assert "memory budget" in message and "finite" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +330,7 @@ def test_analyze_plot_refuses_a_non_image_extension_listing_the_supported_ones(m
     assert not (tmp_path / "out.txt").exists()
 
 
+@pytest.mark.slow
 def test_analyze_plot_replaces_an_existing_file_only_with_overwrite(models, tmp_path):
     target = tmp_path / "out.png"
     target.write_bytes(b"my holiday picture")
@@ -395,6 +388,7 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path, command):
     assert proc.returncode == 141 and proc.stderr == ""
 
 
+@pytest.mark.slow
 def test_a_bad_command_line_is_one_line(tmp_path):
     one_line_error(run_cli("merge", cwd=tmp_path), "recipe", "--help")
     one_line_error(run_cli("frobnicate", cwd=tmp_path), "frobnicate")

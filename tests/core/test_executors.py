@@ -19,7 +19,6 @@ import threading
 
 import pytest
 import torch
-from test_cli import cli
 
 from astolfo_merge.core import executors
 from astolfo_merge.core.engine import RunOptions, run_merge
@@ -31,7 +30,7 @@ from astolfo_merge.features.lora_synth import write_synthetic_lora
 from astolfo_merge.io.checkpoint import partial_path, save_file
 from astolfo_merge.methods.rebasin.spec import build_spec, permute
 
-from conftest import ROOT, TEST_SCALE, load
+from conftest import ROOT, TEST_SCALE, cli, load, run_recipe
 
 SLOW = 0.01     # RunOptions.throttle (seconds per key, in every worker): time to act mid-merge
 POOL = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
@@ -45,8 +44,8 @@ def recipe(doc: dict, **fields):
 def merge(models, doc, folder, workers, progress=None, cancel=None, throttle=0.0):
     """Run `doc` into `folder`/out.safetensors (same recipe, so the same metadata, in every folder)."""
     os.makedirs(folder, exist_ok=True)
-    plan = build_plan(recipe(doc), str(models), str(folder / "out.safetensors"))
-    return run_merge(plan, RunOptions(hash_inputs=False, workers=workers, throttle=throttle), progress, cancel)
+    return run_recipe(models, recipe(doc), folder / "out.safetensors", progress, cancel, workers=workers,
+                      throttle=throttle)
 
 
 @pytest.fixture
@@ -149,6 +148,7 @@ def _untimed(log, folder=""):
     return [re.sub(r"; [0-9.]+ s$", "", line).replace(str(folder), "<out>") for line in log]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_one_and_two_worker_processes_write_the_same_bytes(models, tmp_path, spawned, name):
     _inputs(models)
@@ -166,6 +166,7 @@ def test_one_and_two_worker_processes_write_the_same_bytes(models, tmp_path, spa
     assert leftovers(tmp_path / "w2") == sorted(os.listdir(tmp_path / "w1"))    # no temp file stays
 
 
+@pytest.mark.slow
 def test_nan_inputs_fail_or_are_skipped_alike_in_process_and_in_workers(models, tmp_path):
     """'fail': the same error; 'skip': the key is started over without that input (a rewind of
     its byte range in the worker) and the bytes match."""
@@ -206,6 +207,7 @@ def _after_keys(n, action):
     return progress
 
 
+@pytest.mark.slow
 def test_a_killed_worker_fails_the_merge_with_its_cause_and_leaves_nothing(models, tmp_path, spawned):
     kill = _after_keys(10, lambda: os.kill(spawned[0].proc.pid, signal.SIGKILL))
     with pytest.raises(executors.WorkerError, match=r"merge worker 1 of 2 killed by SIGKILL.*no output was written"):
@@ -270,6 +272,7 @@ def test_a_job_whose_input_shrinks_fails_clearly_and_the_host_lives_on(copies):
 
 
 # -- CLI -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_workers_flag_runs_worker_processes_with_the_same_bytes(models, tmp_path):
     doc = {"pool": POOL[:2], "method": "weighted_sum", "params": {"alpha": 0.3}}
     (tmp_path / "r.json").write_text(json.dumps({**doc, "output": "out.safetensors", "dtype": "fp32"}))

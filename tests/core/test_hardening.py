@@ -200,6 +200,7 @@ def test_disk_full_is_reported_and_leaves_nothing(models, tmp_path):
     assert not (models / "o.safetensors").exists() and not temp_files(models)
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_leaves_no_output_and_the_next_run_reclaims_the_temp_file(models, tmp_path):
     before = {f: sha(models / f) for f in listing(models)}
     proc = _cli(["merge", _recipe(tmp_path), "--models-dir", models, "--no-hash", "-q", "--throttle", "0.002"],

@@ -106,9 +106,4 @@ def test_no_import_cycle_runs_through_the_modules_that_build_and_run_plans():
     sys.path.insert(0, str(ROOT / "tools"))
     import import_cycles
 
-    graph, _modules = import_cycles.imports(ROOT / "astolfo_merge")
-    mine = {f"astolfo_merge.{m}" for m in ("engine", "plan", "recipe", "lora", "paths", "stages", "stage_run",
-                                           "rebasin.fermat", "executors", "worker_main", "tasks")}
-    for cycle in import_cycles.cycles(graph):
-        assert not mine & set(cycle), cycle
-        assert all(kind == "module" for a in cycle for b, kind in graph[a].items() if b in cycle), cycle
+    assert import_cycles.sccs(import_cycles.graph(lazy=True)) == []    # lazy imports counted too

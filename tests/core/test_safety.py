@@ -402,6 +402,7 @@ def test_an_absurd_marker_is_refused_naming_file_and_key(models):
 
 # -- lineage: bounded over generations, every output readable ------------------------------------------
 
+@pytest.mark.slow
 def test_thirty_generations_of_merges_keep_a_bounded_readable_header(models, tmp_path):
     from astolfo_merge.core import lineage
     from astolfo_merge.io.checkpoint import HashCache

@@ -83,6 +83,7 @@ SD1 = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
     ("ties", {"k": 0.5}), ("dare", {"p": 0.3}), ("della", {"p": 0.3, "eps": 0.1}), ("tgmd", {"k": 0.5}),
     ("model_stock", {}), ("geometric_median", {}), ("slerp", {"alpha": 0.4}),
 ])
+@pytest.mark.slow
 def test_the_bytes_do_not_depend_on_the_number_of_worker_threads(models, method, params):
     pool = SD1[:2] if method in ("weighted_sum", "add_difference", "slerp") else SD1[:1] if method == "amplify" else SD1
     doc = {"pool": pool, "method": method, "params": params, "dtype": "fp16", "seed": 5}

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from astolfo_merge.cli.commands import main
-from astolfo_merge.core.engine import RunOptions, run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import ArchitectureError, AstolfoError, CheckpointError
@@ -16,7 +15,7 @@ from astolfo_merge.features import repair
 from astolfo_merge.io import arch
 from astolfo_merge.io.checkpoint import read_header, save_file
 
-from conftest import TEST_SCALE, load
+from conftest import TEST_SCALE, load, run_recipe
 
 XL_POS = arch.POSITION_IDS["sdxl"]
 SD1_POS = arch.POSITION_IDS["sd1"]
@@ -232,8 +231,7 @@ def test_cli_repair_without_a_needed_base_exits_2(make_checkpoint, tmp_path, cap
 # --- partial inputs inside merges (plan.py) --------------------------------------------------------
 
 def merge(models, doc, out="merged.safetensors"):
-    plan = build_plan(parse_recipe(doc), str(models), str(models / out))
-    return run_merge(plan, RunOptions(hash_inputs=False))
+    return run_recipe(models, doc, models / out)
 
 
 def test_a_pool_member_without_te0_position_ids_still_gives_int64_position_ids(models, make_checkpoint):

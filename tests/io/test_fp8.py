@@ -11,10 +11,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from test_cli import cli
 
-from astolfo_merge.core.engine import FileKeyInputs, RunOptions, key_seed, run_merge
-from astolfo_merge.core.plan import build_plan
+from astolfo_merge.core.engine import FileKeyInputs, key_seed
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
 from astolfo_merge.features.analysis import analyze
@@ -27,7 +25,7 @@ from astolfo_merge.methods import get_method
 from astolfo_merge.methods.registry import TensorInputs
 from astolfo_merge.ui.state import carried_dtype, form_carry
 
-from conftest import TEST_SCALE, link_files, load
+from conftest import TEST_SCALE, cli, link_files, load, run_recipe
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 OUT = {"unet": "fp8_e4m3fn", "te0": "fp8_e5m2", "default": "fp16"}     # SD1 has unet, te0, vae
@@ -95,8 +93,7 @@ def folder(fp8_dir, tmp_path):
 
 def merge(folder, doc, name="out.safetensors", **opts):
     recipe = parse_recipe({"output": name, **doc})
-    result = run_merge(build_plan(recipe, str(folder)), RunOptions(hash_inputs=False, **opts))
-    return recipe, result
+    return recipe, run_recipe(folder, recipe, **opts)
 
 
 def header_dtypes(path) -> set:

@@ -5,10 +5,12 @@ import math
 import struct
 import tracemalloc
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from astolfo_merge.io.checkpoint import DTYPES, CheckpointError, read_header
 
+pytestmark = pytest.mark.slow   # generated inputs: tens of seconds
 DTYPE_NAMES = list(DTYPES) + ["C64", "F4", "", "f16", None, 7]
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), st.floats(allow_nan=False),
                          st.text(max_size=8))

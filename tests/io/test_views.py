@@ -13,7 +13,7 @@ from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.io.checkpoint import CheckpointReader, read_header, save_file
 
-from conftest import load
+from conftest import load, run_recipe
 
 SD1 = ["sd1-a.safetensors", "sd1-b.safetensors", "sd1-c.safetensors"]
 
@@ -26,8 +26,7 @@ def same_tensors(a, b) -> bool:
 
 
 def merge(models, name, **doc):
-    plan = build_plan(parse_recipe({"pool": SD1, "output": name, **doc}), str(models))
-    return run_merge(plan, RunOptions(hash_inputs=False, chunk_bytes=64 * 1024)).path   # many chunks per key
+    return run_recipe(models, {"pool": SD1, "output": name, **doc}, chunk_bytes=64 * 1024).path   # many chunks per key
 
 
 def test_views_equal_positioned_reads_for_every_key(demo_dir):

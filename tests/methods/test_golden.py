@@ -142,6 +142,7 @@ def golden_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("golden")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ENGINE_CASES)
 @pytest.mark.parametrize("budget", sorted(ENGINE_BUDGETS))
 def test_engine_merges_are_the_recorded_bytes(golden_dir, name, budget):

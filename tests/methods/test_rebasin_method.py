@@ -8,20 +8,14 @@ import threading
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
-from astolfo_merge.core.plan import build_plan
-from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import Cancelled
 from astolfo_merge.io import arch as archmod
 from astolfo_merge.io.checkpoint import save_file
 from astolfo_merge.methods import TensorInputs, get_method
 from astolfo_merge.methods.rebasin.spec import attention_heads, build_spec, groupnorm_groups, permute
 
-from conftest import TEST_SCALE, load
+from conftest import TEST_SCALE, load, run_recipe
 from ldm_forward import LDMUNet, sample_inputs
-
-OPTIONS = RunOptions(hash_inputs=False)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -49,9 +43,10 @@ def folder(demo_dir, tmp_path_factory):
 POOL = ["sd1-a.safetensors", "sd1-b-permuted.safetensors"]
 
 
-def _merge(folder, pool, method, output, options=OPTIONS, progress=None, cancel=None, path=None, **fields):
-    recipe = parse_recipe({"pool": pool, "method": method, "output": output, "dtype": "fp32", **fields})
-    result = run_merge(build_plan(recipe, str(folder), path), options, progress=progress, cancel=cancel)
+def _merge(folder, pool, method, output, progress=None, cancel=None, path=None, options=None, **fields):
+    """A recipe of `fields` through conftest.run_recipe; `options`: RunOptions fields beyond hash_inputs=False."""
+    doc = {"pool": pool, "method": method, "output": output, "dtype": "fp32", **fields}
+    result = run_recipe(folder, doc, path, progress, cancel, **(options or {}))
     return result, load(path or folder / output)
 
 
@@ -120,7 +115,7 @@ def test_basin_sum_alpha_weighs_A_in_the_linear_part_and_pi_B_in_the_rebasin_par
 def test_same_seed_gives_the_same_bytes_with_one_or_two_threads(folder, rebased, tmp_path):
     one_thread, _out = rebased            # made with torch at 1 thread (module fixture)
     try:                                  # the same recipe (the output name is part of it), another folder
-        two_threads, _out = _merge(folder, POOL, "rebasin", "rebased.safetensors", RunOptions(hash_inputs=False, threads=2),
+        two_threads, _out = _merge(folder, POOL, "rebasin", "rebased.safetensors", options={"threads": 2},
                                    path=str(tmp_path / "rebased.safetensors"), seed=5)
     finally:
         torch.set_num_threads(1)

@@ -25,7 +25,7 @@ THROTTLE = "0.004"   # the app's --throttle: seconds per key
 SCREENSHOT = ARTIFACTS / "merger_tab.png"
 
 pytestmark = [
-    pytest.mark.browser,
+    pytest.mark.browser, pytest.mark.slow,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
 ]
 

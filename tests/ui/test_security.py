@@ -18,13 +18,12 @@ import uuid
 
 import httpx
 import pytest
-from test_cli import cli
 
 from astolfo_merge.io.paths import RECIPE_MAX_BYTES, Folders, PathRefused, within
 from astolfo_merge.ui.state import MODES
 
 from browser_helpers import free_port, stop, wait_http
-from conftest import ROOT
+from conftest import ROOT, cli
 from test_tab import run_app_command
 
 EVIL = "http://evil.example"

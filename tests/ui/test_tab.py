@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import gradio as gr
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from astolfo_merge.core import jobs
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.ui import repair_tab
 from astolfo_merge.ui.catalog import Catalog
 from astolfo_merge.ui.host import StandaloneHost
 from astolfo_merge.ui.state import MODES
@@ -189,15 +188,13 @@ def test_a_broken_recipe_file_is_reported_not_raised(tab):
     assert got[tab.message] == "**Error:** **Pool**: must be a non-empty list of file names"
 
 
-def test_feature_subtabs_appear_when_their_module_exists(models, monkeypatch):
+def test_the_repair_and_analysis_subtabs_are_built_for_the_tabs_host(models, monkeypatch):
     built = []
-    fake = types.ModuleType("astolfo_merge.ui.repair_tab")
-    fake.build_ui = lambda host: built.append(host) or gr.Markdown("repair goes here")
-    monkeypatch.setitem(sys.modules, "astolfo_merge.ui.repair_tab", fake)
+    monkeypatch.setattr(repair_tab, "build_ui", lambda host: built.append(host) or gr.Markdown("repair goes here"))
     host = StandaloneHost(str(models))
     blocks = MergerTab(host, CATALOG).build()
     titles = [b.label for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
-    assert "Repair" in titles and built == [host]
+    assert {"Repair", "Analysis"} <= set(titles) and built == [host]
 
 
 def test_the_standalone_host_says_it_cannot_load_models(models):
@@ -213,7 +210,7 @@ def run_app_command(monkeypatch, argv):
     monkeypatch.setattr("astolfo_merge.ui.app_server.serve", lambda page, **options: served.append((page, options)))
     monkeypatch.setattr("astolfo_merge.ui.compat.enable_queue", lambda page, workers=8: page)
     monkeypatch.setattr(demo, "write_demo_models", lambda folder, **kw: demo_folders.append(folder) or [])
-    monkeypatch.setattr("astolfo_merge.ui.app.signal.signal", lambda *a: None)
+    monkeypatch.setattr("astolfo_merge.cli.app.signal.signal", lambda *a: None)
     assert cli.main(argv) == 0
     return served, demo_folders
 
@@ -228,7 +225,7 @@ def test_the_app_command_serves_the_tab_on_localhost(models, monkeypatch):
 def test_the_app_writes_demo_models_with_demo_or_into_an_empty_default_folder(tmp_path, monkeypatch):
     _served, demo_folders = run_app_command(monkeypatch, ["app", "--models-dir", str(tmp_path), "--demo"])
     assert demo_folders == [str(tmp_path)]
-    monkeypatch.setattr("astolfo_merge.ui.app.DEFAULT_MODELS_DIR", str(tmp_path / "default"))
+    monkeypatch.setattr("astolfo_merge.cli.app.DEFAULT_MODELS_DIR", str(tmp_path / "default"))
     _served, demo_folders = run_app_command(monkeypatch, ["app"])
     assert demo_folders == [str(tmp_path / "default")]
     _served, demo_folders = run_app_command(monkeypatch, ["app", "--models-dir", str(tmp_path / "empty")])
@@ -388,3 +385,12 @@ def test_after_a_merge_the_repair_and_analysis_lists_show_the_new_file(tab):
     poll_out = [tab.progress, tab.log, tab.summary, tab.load, tab.seen, tab.event, *tab.list_outputs()]
     got = outputs(tab, tab.on_poll({}, "", []), poll_out)
     assert tab.host.name_of(job.result.path) in got[repair_model]["choices"]
+
+
+def test_the_tab_answers_a_nan_budget_with_a_message_not_an_exception(models):
+    """Issue 15 (tests/core/test_errors.py has the CLI and library side of a bad memory budget)."""
+    tab = MergerTab(StandaloneHost(str(models)), CATALOG)
+    tab.blocks = tab.build()
+    form = Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors").set(tab.memory, float("nan"))
+    message, _recipe = tab.on_check(*form.values)
+    assert "memory budget" in message and "finite" in message

@@ -27,13 +27,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..core.stages import LoraUse, Step, validate_loras
 from ..errors import ArchitectureError, CheckpointError, RecipeError
 from ..io import arch as archmod
 from ..io.checkpoint import CheckpointReader, check_file, read_header
 from ..io.paths import lora_search_dirs
 from .lora_math import TITLES, LoraBake, Module, group_modules
 from .lora_names import Target, canonical_module_name, module_table
+from .stages import LoraUse, Step, validate_loras
 
 ARCHES = ("sd1", "sd2", "sdxl")
 TRUE = ("true", "1", "yes")

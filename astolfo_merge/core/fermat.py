@@ -27,11 +27,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ..core.stages import FERMAT_A, FERMAT_MATCH, TEMP, Stage, Step, fermat_options
 from ..errors import RecipeError
 from ..io import arch as archmod
 from ..methods.rebasin.matching import weight_matching
 from ..methods.rebasin.spec import apply_index, build_spec
+from .stages import FERMAT_A, FERMAT_MATCH, TEMP, Stage, Step, fermat_options
 
 
 def base_source(plan) -> int:

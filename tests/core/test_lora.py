@@ -9,14 +9,14 @@ import torch
 
 from astolfo_merge.cli.commands import main
 from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.lora import describe, list_loras, validate_loras
+from astolfo_merge.core.lora_names import target_of
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.core.stage_run import Bindings
 from astolfo_merge.core.stages import LORAS, Step
 from astolfo_merge.errors import ArchitectureError, CheckpointError, RecipeError
 from astolfo_merge.features.inspection import format_report, inspect_file
-from astolfo_merge.features.lora import describe, list_loras, validate_loras
-from astolfo_merge.features.lora_names import target_of
 from astolfo_merge.features.lora_synth import default_modules, write_synthetic_lora
 from astolfo_merge.features.trials import with_lora_strength
 from astolfo_merge.io import arch

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from astolfo_merge.features.lora_names import module_table, target_of
+from astolfo_merge.core.lora_names import module_table, target_of
 from astolfo_merge.features.lora_synth import default_modules
 from astolfo_merge.io import arch
 

@@ -17,7 +17,7 @@ from astolfo_merge.io.checkpoint import save_file
 from astolfo_merge.methods.rebasin.matching import weight_matching
 from astolfo_merge.methods.rebasin.spec import build_spec, permute
 
-from conftest import TEST_SCALE, load
+from conftest import TEST_SCALE, load, run_recipe
 
 OPTIONS = RunOptions(hash_inputs=False)
 
@@ -47,7 +47,7 @@ def _recipe(output, **fields):
 
 
 def _run(folder, output, progress=None, cancel=None, **fields):
-    return run_merge(build_plan(_recipe(output, **fields), str(folder)), OPTIONS, progress=progress, cancel=cancel)
+    return run_recipe(folder, _recipe(output, **fields), progress=progress, cancel=cancel)
 
 
 @pytest.fixture(scope="module")
