@@ -58,9 +58,16 @@ def usable_cores() -> int:
 
 
 # -- the wire: length-prefixed pickles over the worker's stdin / stdout ---------------------------
-def send_frame(stream, obj):
+def frame(obj) -> bytes:
+    """`obj` pickled with its length in front. Pickle in the thread that owns `obj`: a pickler walks
+    an object's attribute dict by borrowed reference, so pickling on another thread while this one
+    runs on crashed the interpreter (a use-after-free in CPython 3.11's garbage collector)."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack("<Q", len(data)) + data)
+    return struct.pack("<Q", len(data)) + data
+
+
+def send_frame(stream, obj):
+    stream.write(frame(obj))
     stream.flush()
 
 
@@ -113,13 +120,15 @@ class WorkerProcess:
 
     def send(self, obj):
         """Queue a message: the pipe takes it while the worker may still be importing torch, so the
-        parent never blocks on a worker (a dead one is reported by its reader)."""
-        self._outbox.put(obj)
+        parent never blocks on a worker (a dead one is reported by its reader). Pickled here, on the
+        caller's thread (see `frame`); the feeding thread only writes bytes."""
+        self._outbox.put(frame(obj))
 
     def _feed(self):
-        while (obj := self._outbox.get()) is not None:
+        while (data := self._outbox.get()) is not None:
             try:
-                send_frame(self.proc.stdin, obj)
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
             except (OSError, ValueError):
                 return
 
