@@ -122,7 +122,11 @@ class WorkerProcess:
         """Queue a message: the pipe takes it while the worker may still be importing torch, so the
         parent never blocks on a worker (a dead one is reported by its reader). Pickled here, on the
         caller's thread (see `frame`); the feeding thread only writes bytes."""
-        self._outbox.put(frame(obj))
+        self.send_frame(frame(obj))
+
+    def send_frame(self, data: bytes):
+        """Queue an already framed message (one pickle of the plan serves every worker)."""
+        self._outbox.put(data)
 
     def _feed(self):
         while (data := self._outbox.get()) is not None:
@@ -270,8 +274,9 @@ class WorkerRun:
         hasher = OrderedHasher(self.writer.tmp)
         try:
             hasher.advance(self.writer.data_start)
+            setup = frame(("setup", self.setup))
             for w in self.workers:
-                w.send(("setup", self.setup))
+                w.send_frame(setup)
                 self._assign(w)
             self._supervise(hasher)
             return hasher.finish(self.writer.total_bytes), [line for i in sorted(self.key_logs) for line in self.key_logs[i]]

@@ -17,7 +17,7 @@ import queue
 import torch
 
 from ..errors import Cancelled
-from .executors import POLL_S, Crew, WorkerError, unpack_error
+from .executors import POLL_S, Crew, WorkerError, frame, unpack_error
 from .tasks import cut_tasks
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
@@ -36,8 +36,9 @@ class ChunkRun:
         self.offsets, self.logs = {}, []
 
     def run(self) -> list:
+        setup = frame(("setup", self.setup))
         for w in self.workers:
-            w.send(("setup", self.setup))
+            w.send_frame(setup)
             self._assign(w)
         left = len(self.plan.keys)
         while left:
