@@ -26,6 +26,15 @@ SD1_FILES = {"sd1-base": None, "sd1-a": 1, "sd1-b": 2, "sd1-c": 3}
 SDXL_FILES = {"sdxl-base": None, "sdxl-a": 11, "sdxl-b": 12, "sdxl-c": 13}
 
 
+def load_tool(name: str):
+    """tools/<name>.py imported as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("demo")

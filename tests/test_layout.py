@@ -1,19 +1,10 @@
 """The package layout keeps its arrows pointing down (issue 17): no module-level import loop, between modules
 or between the packages io / core / methods / features / ui / cli (tools/import_cycles.py)."""
-import importlib.util
-
-from conftest import ROOT
-
-
-def _cycles():
-    spec = importlib.util.spec_from_file_location("import_cycles", ROOT / "tools" / "import_cycles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_tool
 
 
 def test_no_module_level_import_loop_between_modules_or_packages():
-    cycles = _cycles()
+    cycles = load_tool("import_cycles")
     graph = cycles.graph(lazy=False)
     packages = {}
     for mod, deps in graph.items():
@@ -24,7 +15,7 @@ def test_no_module_level_import_loop_between_modules_or_packages():
 
 
 def test_ui_and_cli_are_not_imported_by_the_backend():
-    graph = _cycles().graph(lazy=True)
+    graph = load_tool("import_cycles").graph(lazy=True)
     backend = [m for m in graph if m.split(".")[1:2] and m.split(".")[1] in ("io", "core", "methods", "features")]
     upward = {(m, d) for m in backend for d in graph[m] if d.split(".")[1:2] and d.split(".")[1] in ("ui", "cli")}
     assert not upward, sorted(upward)
