@@ -27,7 +27,7 @@ import sys
 import threading
 
 from ..errors import AstolfoError, Cancelled, CheckpointError
-from ..io.checkpoint import SafetensorsWriter
+from ..io.writer import SafetensorsWriter
 from .tasks import cut_tasks
 
 WORKER_MODULE = "astolfo_merge.core.worker_main"
