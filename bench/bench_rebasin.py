@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from astolfo_merge.features.demo import model_tensor  # noqa: E402
 from astolfo_merge.io import arch as archmod  # noqa: E402
-from astolfo_merge.io.checkpoint import CheckpointReader, SafetensorsWriter  # noqa: E402
+from astolfo_merge.io.reader import CheckpointReader  # noqa: E402
+from astolfo_merge.io.writer import SafetensorsWriter  # noqa: E402
 from astolfo_merge.methods.rebasin.matching import inverse, weight_matching  # noqa: E402
 from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
 

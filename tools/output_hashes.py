@@ -29,7 +29,7 @@ from astolfo_merge.features.demo import write_synthetic  # noqa: E402
 from astolfo_merge.features.lora_synth import write_synthetic_lora  # noqa: E402
 from astolfo_merge.features.repair import repair_file  # noqa: E402
 from astolfo_merge.features.swap import swap  # noqa: E402
-from astolfo_merge.io.checkpoint import save_file  # noqa: E402
+from astolfo_merge.io.writer import save_file  # noqa: E402
 from astolfo_merge.methods import METHODS, TensorInputs  # noqa: E402
 from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
 

@@ -32,7 +32,7 @@ def cmd_merge(args):
     from ..core.engine import RunOptions, run_merge
     from ..core.plan import build_plan
     from ..core.recipe import load_recipe, recipe_from_metadata
-    from ..io.checkpoint import read_header
+    from ..io.header import read_header
 
     if args.recipe.lower().endswith(".safetensors"):
         recipe = recipe_from_metadata(read_header(args.recipe).metadata, args.recipe)

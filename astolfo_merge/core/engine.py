@@ -32,18 +32,11 @@ from ..errors import (
     check_memory_gb,
     check_throttle,
 )
-from ..io.checkpoint import (
-    FP8_DTYPES,
-    OUTPUT_DTYPES,
-    CheckpointReader,
-    HashCache,
-    SafetensorsWriter,
-    cast_output,
-    ensure_open_files,
-    fp8_out_of_range,
-    legacy_model_hash,
-)
+from ..io.hashes import HashCache, legacy_model_hash
+from ..io.header import FP8_DTYPES, OUTPUT_DTYPES
+from ..io.reader import CheckpointReader, ensure_open_files
 from ..io.strict_json import loads as strict_loads
+from ..io.writer import SafetensorsWriter, cast_output, fp8_out_of_range
 from ..methods import KeyInputs, get_method
 from ..methods.registry import add_in_order
 from ..methods.shapes import row_spans

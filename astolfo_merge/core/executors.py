@@ -27,7 +27,7 @@ import sys
 import threading
 
 from ..errors import AstolfoError, Cancelled, CheckpointError
-from ..io.checkpoint import SafetensorsWriter
+from ..io.writer import SafetensorsWriter
 from .tasks import cut_tasks
 
 WORKER_MODULE = "astolfo_merge.core.worker_main"
@@ -257,41 +257,21 @@ class Crew:
         self.close()
 
 
-class WorkerRun:
-    """One merge's tasks on a crew, and the bookkeeping. `run()` returns (sha256, per-key logs)."""
+class TaskRun:
+    """A plan's tasks handed out to a crew's workers, and their messages read until every key is
+    done. Subclasses say what a finished key means (`_key`), what else they take (`_other`) and how a
+    dead worker is reported (`_death`); a cancel, a worker's error or its death raise here."""
 
-    def __init__(self, plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel):
-        self.plan, self.writer, self.setup, self.on_key, self.cancel = plan, writer, setup, on_key, cancel
+    def __init__(self, plan, setup: dict, crew: Crew, cancel):
+        self.plan, self.setup, self.cancel = plan, setup, cancel
         self.workers, self.inbox = crew.workers, crew.inbox
         self.tasks = collections.deque(cut_tasks(plan.keys, len(self.workers)))
-        self.ranges = writer.ranges()
-        self.done = [False] * len(plan.keys)
-        self.key_logs = {}
-        self.frontier = 0          # keys [0, frontier) are all written
-        self.inputs = input_stats(plan)
 
-    def run(self) -> tuple:
-        hasher = OrderedHasher(self.writer.tmp)
-        try:
-            hasher.advance(self.writer.data_start)
-            setup = frame(("setup", self.setup))
-            for w in self.workers:
-                w.send_frame(setup)
-                self._assign(w)
-            self._supervise(hasher)
-            return hasher.finish(self.writer.total_bytes), [line for i in sorted(self.key_logs) for line in self.key_logs[i]]
-        finally:
-            hasher.close()
-
-    def _assign(self, w: WorkerProcess):
-        if self.tasks:
-            w.task = self.tasks.popleft()
-            w.send(("task", w.task.id, w.task.first, w.task.stop))
-        else:
-            w.task, w.stopping = None, True
-            w.send(("stop",))
-
-    def _supervise(self, hasher):
+    def _run_tasks(self):
+        setup = frame(("setup", self.setup))
+        for w in self.workers:
+            w.send_frame(setup)
+            self._assign(w)
         left = len(self.plan.keys)
         while left:
             if self.cancel is not None and self.cancel.is_set():
@@ -302,18 +282,66 @@ class WorkerRun:
                 continue
             kind = msg[0]
             if kind == "key":
-                _, index, lines = msg
-                left -= self._key_done(index, lines, hasher)
+                left -= self._key(msg[1], msg[2])
             elif kind == "started":
                 w.key = self.plan.keys[msg[1]].key
+                self._started(w.key)
             elif kind == "task":
                 self._assign(w)
             elif kind == "error":
                 raise unpack_error(msg[1], msg[2])
-            elif kind == "exit" and not w.stopping:
-                raise self._death(w)
+            elif kind == "exit":
+                if not w.stopping:
+                    raise self._death(w)
+            else:
+                self._other(msg)
 
-    def _key_done(self, index, lines, hasher) -> int:
+    def _assign(self, w: WorkerProcess):
+        if self.tasks:
+            w.task = self.tasks.popleft()
+            w.send(("task", w.task.id, w.task.first, w.task.stop))
+        else:
+            w.task, w.stopping = None, True
+            w.send(("stop",))
+
+    def _key(self, index: int, lines: list) -> int:
+        """Key `index` is done (its log `lines`); returns how many keys that newly finishes (0 or 1)."""
+        raise NotImplementedError
+
+    def _started(self, key: str):
+        pass
+
+    def _other(self, msg: tuple):
+        pass
+
+    def _death(self, w: WorkerProcess) -> AstolfoError:
+        raise NotImplementedError
+
+
+class WorkerRun(TaskRun):
+    """One merge's tasks on a crew, and the bookkeeping. `run()` returns (sha256, per-key logs)."""
+
+    def __init__(self, plan, writer: SafetensorsWriter, setup: dict, crew: Crew, on_key, cancel):
+        super().__init__(plan, setup, crew, cancel)
+        self.writer, self.on_key = writer, on_key
+        self.ranges = writer.ranges()
+        self.done = [False] * len(plan.keys)
+        self.key_logs = {}
+        self.frontier = 0          # keys [0, frontier) are all written
+        self.inputs = input_stats(plan)
+        self.hasher = None
+
+    def run(self) -> tuple:
+        self.hasher = OrderedHasher(self.writer.tmp)
+        try:
+            self.hasher.advance(self.writer.data_start)
+            self._run_tasks()
+            return (self.hasher.finish(self.writer.total_bytes),
+                    [line for i in sorted(self.key_logs) for line in self.key_logs[i]])
+        finally:
+            self.hasher.close()
+
+    def _key(self, index, lines) -> int:
         if self.done[index]:
             return 0
         self.done[index] = True
@@ -322,9 +350,9 @@ class WorkerRun:
         while self.frontier < len(self.done) and self.done[self.frontier]:
             self.frontier += 1
         if self.frontier < len(self.done):
-            hasher.advance(self.ranges[self.plan.keys[self.frontier].key][0])
+            self.hasher.advance(self.ranges[self.plan.keys[self.frontier].key][0])
         else:
-            hasher.advance(self.writer.total_bytes)
+            self.hasher.advance(self.writer.total_bytes)
         self.on_key(index)
         return 1
 

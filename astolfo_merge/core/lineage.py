@@ -1,7 +1,7 @@
 """Bounded lineage: the `sd_merge_models` an output inherits from its inputs (A1111.md §8).
 
 Each merge adds its inputs to the union of their own lineages, so over generations (or from one
-hostile input) the header could grow past what readers accept (checkpoint.MAX_HEADER_BYTES). The
+hostile input) the header could grow past what readers accept (header.MAX_HEADER_BYTES). The
 lineage is kept as it is while small; beyond the limits, the direct inputs are always kept (an
 oversized recipe of theirs dropped) and then the most recent ancestors, as many as fit, and the
 output says so in `astolfo_merge_lineage_truncated`.

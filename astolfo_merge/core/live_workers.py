@@ -10,69 +10,46 @@ signatures, the key in flight stays marked partial (restore or the next merge re
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
-import queue
 
 import torch
 
-from ..errors import Cancelled
-from .executors import POLL_S, Crew, WorkerError, frame, unpack_error
-from .tasks import cut_tasks
+from .executors import Crew, TaskRun, WorkerError
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                                       torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.int32)}
 
 
-class ChunkRun:
+class ChunkRun(TaskRun):
     """The keys of `plan` on `crew`, copied into `tensors`; calls `on_start(key)` / `on_done(key)`."""
 
     def __init__(self, plan, setup: dict, crew: Crew, tensors: dict, on_start, on_done, cancel):
-        self.plan = plan
-        self.setup = dict(setup, send_chunks=True)
-        self.workers, self.inbox = crew.workers, crew.inbox
-        self.tasks = collections.deque(cut_tasks(plan.keys, len(self.workers)))
-        self.tensors, self.on_start, self.on_done, self.cancel = tensors, on_start, on_done, cancel
+        super().__init__(plan, dict(setup, send_chunks=True), crew, cancel)
+        self.tensors, self.on_start, self.on_done = tensors, on_start, on_done
         self.offsets, self.logs = {}, []
 
     def run(self) -> list:
-        setup = frame(("setup", self.setup))
-        for w in self.workers:
-            w.send_frame(setup)
-            self._assign(w)
-        left = len(self.plan.keys)
-        while left:
-            if self.cancel is not None and self.cancel.is_set():
-                raise Cancelled()
-            try:
-                w, msg = self.inbox.get(timeout=POLL_S)
-            except queue.Empty:
-                continue
-            left -= self._handle(w, msg)
+        self._run_tasks()
         return self.logs
 
-    def _handle(self, w, msg) -> int:
-        kind = msg[0]
-        if kind == "chunk":
+    def _started(self, key):
+        self.offsets[key] = 0
+        self.on_start(key)
+
+    def _key(self, index, lines) -> int:
+        self.logs.extend(lines)
+        self.on_done(self.plan.keys[index].key)
+        return 1
+
+    def _other(self, msg):
+        if msg[0] == "chunk":
             self._copy(*msg[1:])
-        elif kind == "rewind":
+        elif msg[0] == "rewind":
             self.offsets[msg[1]] = 0
-        elif kind == "started":
-            w.key = self.plan.keys[msg[1]].key
-            self.offsets[w.key] = 0
-            self.on_start(w.key)
-        elif kind == "key":
-            self.logs.extend(msg[2])
-            self.on_done(self.plan.keys[msg[1]].key)
-            return 1
-        elif kind == "task":
-            self._assign(w)
-        elif kind == "error":
-            raise unpack_error(msg[1], msg[2])
-        elif kind == "exit" and not w.stopping:
-            raise WorkerError(f"live merge worker {w.index + 1} {w.exit_cause()}"
-                              + (f" while merging key '{w.key}'" if w.key else ""))
-        return 0
+
+    def _death(self, w):
+        return WorkerError(f"live merge worker {w.index + 1} {w.exit_cause()}"
+                           + (f" while merging key '{w.key}'" if w.key else ""))
 
     def _copy(self, key, dtype, data):
         chunk = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(_DTYPES[dtype])
@@ -80,14 +57,6 @@ class ChunkRun:
         at = self.offsets.get(key, 0)
         flat[at:at + chunk.numel()].copy_(chunk)
         self.offsets[key] = at + chunk.numel()
-
-    def _assign(self, w):
-        if self.tasks:
-            w.task = self.tasks.popleft()
-            w.send(("task", w.task.id, w.task.first, w.task.stop))
-        else:
-            w.task, w.stopping = None, True
-            w.send(("stop",))
 
 
 def sub_plan(plan, keys: list):

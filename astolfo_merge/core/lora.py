@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 from ..errors import ArchitectureError, CheckpointError, RecipeError
 from ..io import arch as archmod
-from ..io.checkpoint import CheckpointReader, check_file, read_header
+from ..io.header import check_file, read_header
 from ..io.paths import lora_search_dirs
+from ..io.reader import CheckpointReader
 from .lora_math import TITLES, LoraBake, Module, group_modules
 from .lora_names import Target, canonical_module_name, module_table
 from .stages import LoraUse, Step, validate_loras

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError
-from ..io.checkpoint import CheckpointReader
+from ..io.reader import CheckpointReader
 
 ALGORITHMS = {  # tensor suffix -> algorithm
     "lora_up.weight": "lora", "lora_down.weight": "lora", "lora_mid.weight": "lora",

@@ -20,7 +20,8 @@ import torch
 
 from ..errors import ArchitectureError, CheckpointError, MemoryBudgetError, RecipeError
 from ..io import arch as archmod
-from ..io.checkpoint import NAME_OF, OUTPUT_DTYPES, Header, check_file, ensure_open_files, read_header
+from ..io.header import NAME_OF, OUTPUT_DTYPES, Header, check_file, read_header
+from ..io.reader import ensure_open_files
 from ..methods import get_method
 from ..methods.shapes import key_peak_bytes
 from .fermat import fermat_stages

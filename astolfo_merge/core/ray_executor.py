@@ -24,7 +24,7 @@ import tempfile
 import traceback
 
 from ..errors import AstolfoError, Cancelled, OptionError
-from ..io.checkpoint import SafetensorsWriter
+from ..io.writer import SafetensorsWriter
 from .executors import WORKER_MODULE, OrderedHasher, WorkerError, pack_error, unpack_error, usable_cores
 from .tasks import cut_tasks
 

@@ -14,7 +14,7 @@ import os
 import threading
 
 from ..errors import CheckpointError
-from ..io.checkpoint import CheckpointReader
+from ..io.reader import CheckpointReader
 from ..methods import get_method
 from .fermat import base_source, combine, match
 from .lora import lora_bake

@@ -15,7 +15,8 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import Cancelled
-from ..io.checkpoint import CheckpointReader, SafetensorsWriter
+from ..io.reader import CheckpointReader
+from ..io.writer import SafetensorsWriter
 
 REWIND = object()   # yielded by a key's chunks: "drop what was written of this key, it starts over"
 

@@ -15,7 +15,8 @@ import traceback
 
 import torch
 
-from ..io.checkpoint import CheckpointReader, RangeWriter
+from ..io.reader import CheckpointReader
+from ..io.writer import RangeWriter
 from .engine import _write_key
 from .executors import pack_error, read_frame, send_frame
 from .stage_run import Bindings

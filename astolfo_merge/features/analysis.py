@@ -22,7 +22,7 @@ from ..core.plan import GIB, load_source
 from ..core.stream import row_spans
 from ..errors import ArchitectureError, MemoryBudgetError, OptionError, RecipeError, check_memory_gb
 from ..io import arch as archmod
-from ..io.checkpoint import CheckpointReader, ensure_open_files
+from ..io.reader import CheckpointReader, ensure_open_files
 
 COMPONENT_LABELS = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}
 

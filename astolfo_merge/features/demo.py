@@ -13,7 +13,7 @@ import os
 import torch
 
 from ..io import arch as archmod
-from ..io.checkpoint import SafetensorsWriter
+from ..io.writer import SafetensorsWriter
 
 DEMO_SCALE = 32
 DEMO_MODELS = [  # (file name, arch, variant seed or None for the base, options)

@@ -7,7 +7,7 @@ import os
 
 from ..core.recipe import MAX_RECIPE_DEPTH, MAX_RECIPE_DIGITS
 from ..io.arch import COMPONENTS, identify
-from ..io.checkpoint import NAME_OF, read_header
+from ..io.header import NAME_OF, read_header
 from ..io.strict_json import JSONInputError, loads as strict_loads
 
 COMPONENT_TITLES = {"unet": "UNET", "te0": "TE0 (CLIP-L)", "te1": "TE1 (OpenCLIP)", "vae": "VAE"}

@@ -37,7 +37,9 @@ from ..core.stream import REWIND
 from ..core.workers import ChunkWorkers
 from ..errors import AstolfoError, Cancelled, RecipeError
 from ..io import arch as archmod
-from ..io.checkpoint import CheckpointReader, HashCache, SafetensorsWriter
+from ..io.hashes import HashCache
+from ..io.reader import CheckpointReader
+from ..io.writer import SafetensorsWriter
 
 PARTIAL = "partial"          # a key whose write was interrupted: neither the file's values nor a merge's
 LIVE_MARK = "[Merger]"       # what the model's name carries while it holds a live merge

@@ -12,7 +12,7 @@ import torch
 
 from ..core.lora_names import canonical_module_name, module_table
 from ..io import arch as archmod
-from ..io.checkpoint import save_file
+from ..io.writer import save_file
 
 SYNTHETIC_ALGOS = ("lora", "locon", "lora_tucker", "loha", "loha_tucker", "lokr", "lokr_tucker", "full")
 _DIFFUSERS_UNET = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks|conv_in|conv_out|conv_norm_out|time_embedding|add_embedding)_")

@@ -10,7 +10,7 @@ import collections
 
 from ..io import arch as archmod
 from ..io.arch import TE0, TE1, UNET, VAE
-from ..io.checkpoint import NAME_OF
+from ..io.header import NAME_OF
 from .repair_plan import (
     COMPONENT_NAMES,
     distilled_sdxl,

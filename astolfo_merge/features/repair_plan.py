@@ -18,7 +18,8 @@ import torch
 from ..errors import ArchitectureError, CheckpointError
 from ..io import arch as archmod
 from ..io.arch import POSITION_IDS, TE0, TE1, UNET, UNET_PREFIX, VAE
-from ..io.checkpoint import FLOAT_DTYPES, NAME_OF, CheckpointReader
+from ..io.header import FLOAT_DTYPES, NAME_OF
+from ..io.reader import CheckpointReader
 
 COMPONENT_NAMES = {UNET: "UNET", TE0: "TE0", TE1: "TE1", VAE: "VAE"}
 

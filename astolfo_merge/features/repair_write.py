@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from .. import __version__
 from ..core.stream import arange_ids, stored_chunks, write_file
 from ..errors import AstolfoError
-from ..io.checkpoint import CheckpointReader, HashCache, read_header
+from ..io.hashes import HashCache
+from ..io.header import read_header
+from ..io.reader import CheckpointReader
 from .repair_plan import RepairPlan, RepairStep, check_result, first_few, plan_repair, short_key
 
 CHUNK_BYTES = 64 * 1024 ** 2          # one read/write chunk of the repair (bounded memory)

@@ -13,7 +13,7 @@ from ..core.engine import RunOptions, run_merge
 from ..core.plan import build_plan, load_source, resolve_file
 from ..core.recipe import OUTPUT_DTYPES, parse_recipe
 from ..errors import ArchitectureError, RecipeError
-from ..io.checkpoint import NAME_OF
+from ..io.header import NAME_OF
 from .repair_plan import dominant_float_dtype
 
 SWAPPABLE = ("te0", "te1", "vae")

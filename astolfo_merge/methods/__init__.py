@@ -9,9 +9,10 @@ from .registry import METHODS, KeyInputs, Method, Param, TensorInputs, apply, ge
 
 # isort: off
 # The import order is the registration order, which is the order of `methods`, the README table and the
-# tab's method list: average, slerp, then ties (which registers iso and median first), karcher, stock, rebasin.
+# tab's method list: average, slerp, iso, median, the TIES family (ties.py; its drops in dare.py), karcher,
+# stock, rebasin.
 from . import average  # noqa: F401
 from . import slerp  # noqa: F401
-from . import ties, karcher, median, stock  # noqa: F401
+from . import iso, median, ties, karcher, stock  # noqa: F401
 from .rebasin import method as _rebasin  # noqa: F401
 # isort: on

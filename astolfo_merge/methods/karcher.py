@@ -18,7 +18,7 @@ import torch
 
 from ..errors import RecipeError
 from .registry import Method, Param, register
-from .shapes import GramMath, gram_key, iterative, stream_model
+from .shapes import GramMath, gram_key, iterative, iterative_math, stream_model
 
 
 def _alphas(params, n):
@@ -110,14 +110,7 @@ def karcher_coefficients(gram: torch.Tensor, alphas, max_iter, tol):
 
 def karcher_math(alphas, max_iter, tol) -> GramMath:
     """Both forms of the Karcher mean; shapes.py picks one per key (raw Gram: norms and angles)."""
-    def direct(points):
-        out, iters = karcher_direct(points, alphas, max_iter, tol)
-        return out, f"{iters} iteration(s)"
-
-    def coefficients(gram):
-        coeffs, iters = karcher_coefficients(gram, alphas, max_iter, tol)
-        return coeffs, f"{iters} iteration(s)"
-    return GramMath("karcher", direct, coefficients)
+    return iterative_math("karcher", karcher_direct, karcher_coefficients, alphas, max_iter, tol)
 
 
 # Gram form: the N tensors of a chunk and three temporaries; the direct form also holds their unit vectors.

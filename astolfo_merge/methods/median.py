@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .registry import Method, Param, register
-from .shapes import GramMath, gram_key, iterative
+from .shapes import GramMath, gram_key, iterative, iterative_math
 
 EPS_HELP = "distance floor of the Weiszfeld weights 1/max(d, eps) (sd-mecha / geom_median default 1e-6)"
 MAXITER_HELP = "maximum Weiszfeld iterations"
@@ -100,14 +100,7 @@ def weiszfeld_gram(gram: torch.Tensor, eps: float, maxiter: int, ftol: float):
 
 def median_math(eps: float, maxiter: int, ftol: float) -> GramMath:
     """Both forms of the median; shapes.py picks one per key (centred Gram: distances only)."""
-    def direct(points):
-        median, iters = weiszfeld_direct(points, eps, maxiter, ftol)
-        return median, f"{iters} iteration(s)"
-
-    def coefficients(gram):
-        coeffs, iters = weiszfeld_gram(gram, eps, maxiter, ftol)
-        return coeffs, f"{iters} iteration(s)"
-    return GramMath("geometric median", direct, coefficients, centre=True)
+    return iterative_math("geometric median", weiszfeld_direct, weiszfeld_gram, eps, maxiter, ftol, centre=True)
 
 
 SHAPE = iterative(lambda n: n + 3)    # the N points of a chunk, the product and two temporaries

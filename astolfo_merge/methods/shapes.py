@@ -189,6 +189,18 @@ class GramMath:
     deltas: bool = False
 
 
+def iterative_math(label: str, direct, coefficients, *args, centre: bool = False) -> GramMath:
+    """The GramMath of an iterative method whose two forms return (result, iterations) and take the
+    same trailing `args`: each key's log names the iterations it took."""
+    return GramMath(label, lambda points: _iterations(direct(points, *args)),
+                    lambda gram: _iterations(coefficients(gram, *args)), centre=centre)
+
+
+def _iterations(result: tuple) -> tuple:
+    value, iters = result
+    return value, f"{iters} iteration(s)"
+
+
 def accumulate_gram(gram: torch.Tensor, stack: torch.Tensor, centre: bool) -> None:
     """gram += Y Yᵀ for the chunk stack [n, ...]; with `centre`, Y = stack − its per-element mean
     (modifies `stack` in place; callers pass a stack they no longer need)."""

@@ -13,7 +13,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # no network calls from gradio
 
-from ..io.checkpoint import is_checkpoint_name  # noqa: E402
+from ..io.header import is_checkpoint_name  # noqa: E402
 from .host import scan_checkpoints  # noqa: E402
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import AstolfoError
 from ..io import arch as archmod
-from ..io.checkpoint import read_header
+from ..io.header import read_header
 
 CACHE_VERSION = 2   # 2: ModelInfo.partial, status wording
 BASE_NAME = re.compile(r"(^|[^a-z])(base|v1-5-pruned|sd-v1-5|sd_v1-5|v2-1_(512|768)|512-base|768-v-ema)([^a-z]|$)", re.I)

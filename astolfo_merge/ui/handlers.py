@@ -18,7 +18,7 @@ from ..core.plan import GIB
 from ..core.recipe import Recipe, load_recipe, parse_recipe, recipe_from_metadata
 from ..errors import AstolfoError, MemoryBudgetError, OutputExistsError, RecipeError
 from ..features import trials
-from ..io.checkpoint import read_header
+from ..io.header import read_header
 from ..io.paths import check_recipe_size, confine_recipe, recipe_path
 from .catalog import format_size, guess_base, pool_arch, pool_scale
 from .compat import file_value_bytes

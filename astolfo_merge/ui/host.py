@@ -15,7 +15,7 @@ from ..core.engine import MergeResult, RunOptions
 from ..core.plan import Plan, build_plan
 from ..core.recipe import Recipe
 from ..errors import AstolfoError, RecipeError
-from ..io.checkpoint import is_checkpoint_name
+from ..io.header import is_checkpoint_name
 
 
 @dataclass

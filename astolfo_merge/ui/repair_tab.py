@@ -16,7 +16,8 @@ from ..errors import AstolfoError, OutputExistsError, RecipeError
 from ..features.inspection import format_report, inspect_file
 from ..features.repair_plan import plan_repair
 from ..features.repair_write import default_output, run_repair
-from ..io.checkpoint import HashCache, read_header
+from ..io.hashes import HashCache
+from ..io.header import read_header
 from .catalog import default_catalog, guess_base
 from .compat import listen, make
 from .tasks import NONE, run_in_thread

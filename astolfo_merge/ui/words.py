@@ -56,6 +56,15 @@ def _title(component: str) -> str:
     return COMPONENT_TITLES.get(component, component.upper())
 
 
+# Recipe fields with an index or a name in them, as the tab words them (first match wins).
+_INDEXED_FIELDS = (
+    (r"pool\[(\d+)\]", lambda n: f"**Pool** (model {int(n) + 1})"),
+    (r"params\.(.+)", lambda name: f"**{name}** (method parameter)"),
+    (r"blocks\.(.+)", lambda name: f"**{name}** (Block weights)"),
+    (r"loras\[(\d+)\].*", lambda n: f"**LoRA {int(n) + 1}**"),
+)
+
+
 def field_label(field: str) -> str:
     """The tab's words for a recipe field path: 'components.vae.take' -> 'VAE from' (Components)."""
     field = str(field)
@@ -69,18 +78,10 @@ def field_label(field: str) -> str:
             return f"**{rest}** ({COMPONENTS_PANEL} → {title} → own method)"
         label = COMPONENT_FIELDS.get(sub, "{title} " + sub).format(title=title)
         return f"**{label}** ({COMPONENTS_PANEL} → {title})"
-    m = re.fullmatch(r"pool\[(\d+)\]", field)
-    if m:
-        return f"**Pool** (model {int(m.group(1)) + 1})"
-    m = re.fullmatch(r"params\.(.+)", field)
-    if m:
-        return f"**{m.group(1)}** (method parameter)"
-    m = re.fullmatch(r"blocks\.(.+)", field)
-    if m:
-        return f"**{m.group(1)}** (Block weights)"
-    m = re.fullmatch(r"loras\[(\d+)\].*", field)
-    if m:
-        return f"**LoRA {int(m.group(1)) + 1}**"
+    for pattern, label in _INDEXED_FIELDS:
+        m = re.fullmatch(pattern, field)
+        if m:
+            return label(m.group(1))
     if field in FIELD_LABELS:
         return f"**{FIELD_LABELS[field]}**"
     return f"recipe field `{field}`"

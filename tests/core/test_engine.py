@@ -165,7 +165,7 @@ def test_metadata_embeds_the_recipe_inputs_and_webui_fields_and_rerunning_it_giv
     doc = {"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "weighted_sum", "params": {"alpha": 0.3},
            "output": "meta.safetensors"}
     plan = build_plan(parse_recipe(doc), str(models))
-    from astolfo_merge.io.checkpoint import HashCache
+    from astolfo_merge.io.hashes import HashCache
     result = run_merge(plan, RunOptions(hash_cache=HashCache(str(tmp_path / "h.json"))))
     meta = metadata(result.path)
     assert all(isinstance(v, str) for v in meta.values())

@@ -27,7 +27,10 @@ from astolfo_merge.errors import CheckpointError, OptionError, RecipeError
 from astolfo_merge.features.analysis import PLOT_FORMATS, analyze
 from astolfo_merge.features.inspection import format_report, inspect_file
 from astolfo_merge.features.lora_synth import default_modules, write_synthetic_lora
-from astolfo_merge.io.checkpoint import HashCache, check_file, ensure_open_files, read_header, save_file, sha256_file
+from astolfo_merge.io.hashes import HashCache, sha256_file
+from astolfo_merge.io.header import check_file, read_header
+from astolfo_merge.io.reader import ensure_open_files
+from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods import METHODS
 from astolfo_merge.ui.host import StandaloneHost
 

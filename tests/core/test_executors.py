@@ -27,7 +27,8 @@ from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.core.tasks import cut_tasks, key_cost
 from astolfo_merge.errors import Cancelled, CheckpointError, MemoryBudgetError, MergeKeyError
 from astolfo_merge.features.lora_synth import write_synthetic_lora
-from astolfo_merge.io.checkpoint import partial_path, save_file
+from astolfo_merge.io.tempfiles import partial_path
+from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods.rebasin.spec import build_spec, permute
 
 from conftest import ROOT, TEST_SCALE, cli, load, run_recipe

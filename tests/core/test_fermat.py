@@ -13,7 +13,7 @@ from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import Cancelled, RecipeError
 from astolfo_merge.io import arch as archmod
-from astolfo_merge.io.checkpoint import save_file
+from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods.rebasin.matching import weight_matching
 from astolfo_merge.methods.rebasin.spec import build_spec, permute
 

@@ -15,14 +15,9 @@ from astolfo_merge.core.engine import RunOptions, run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import ArchitectureError, CheckpointError, MergeKeyError
-from astolfo_merge.io.checkpoint import (
-    OutputBusyError,
-    SafetensorsWriter,
-    partial_path,
-    read_header,
-    save_file,
-    temp_files,
-)
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.tempfiles import OutputBusyError, partial_path, temp_files
+from astolfo_merge.io.writer import SafetensorsWriter, save_file
 
 from conftest import ROOT, load
 

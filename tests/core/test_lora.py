@@ -20,7 +20,8 @@ from astolfo_merge.features.inspection import format_report, inspect_file
 from astolfo_merge.features.lora_synth import default_modules, write_synthetic_lora
 from astolfo_merge.features.trials import with_lora_strength
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import read_header, save_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.writer import save_file
 
 from conftest import TEST_SCALE, load
 

@@ -15,7 +15,7 @@ from astolfo_merge.core.plan import build_plan, key_seed
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.core.stages import FERMAT_A, FERMAT_MATCH, LORAS, OUTPUT, TEMP, Step, prepare_result
 from astolfo_merge.features.lora_synth import write_synthetic_lora
-from astolfo_merge.io.checkpoint import SafetensorsWriter
+from astolfo_merge.io.writer import SafetensorsWriter
 
 from conftest import ROOT, TEST_SCALE
 

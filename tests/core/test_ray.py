@@ -25,7 +25,7 @@ from astolfo_merge.core import engine, ray_executor
 from astolfo_merge.core.engine import RunOptions, run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.errors import Cancelled, CheckpointError, OptionError
-from astolfo_merge.io.checkpoint import partial_path
+from astolfo_merge.io.tempfiles import partial_path
 
 from conftest import run_cli
 

@@ -18,16 +18,9 @@ from astolfo_merge.core.engine import RunOptions, run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
-from astolfo_merge.io.checkpoint import (
-    MAX_HEADER_BYTES,
-    OutputBusyError,
-    SafetensorsWriter,
-    partial_path,
-    read_header,
-    reclaim_temp_files,
-    save_file,
-    temp_files,
-)
+from astolfo_merge.io.header import MAX_HEADER_BYTES, read_header
+from astolfo_merge.io.tempfiles import OutputBusyError, partial_path, reclaim_temp_files, temp_files
+from astolfo_merge.io.writer import SafetensorsWriter, save_file
 
 from conftest import ROOT, load
 from test_hardening import OPTS, _cli, _recipe, listing, sha
@@ -51,7 +44,7 @@ def _holder(target):
     """A separate live process holding a writer of `target` open (until its stdin closes)."""
     code = textwrap.dedent(f"""
         import sys, torch
-        from astolfo_merge.io.checkpoint import SafetensorsWriter
+        from astolfo_merge.io.writer import SafetensorsWriter
         w = SafetensorsWriter({str(target)!r}, [("t", torch.float32, (4,))])
         print("ready", flush=True)
         sys.stdin.read()
@@ -333,7 +326,7 @@ def test_an_input_that_shrinks_between_keys_is_reported_by_name(models, tmp_path
 
 
 def test_a_reader_refuses_views_of_a_file_that_changed_size(tmp_path):
-    from astolfo_merge.io.checkpoint import CheckpointReader
+    from astolfo_merge.io.reader import CheckpointReader
     save_file({"t": torch.arange(64.0).reshape(8, 8)}, tmp_path / "f.safetensors")
     with CheckpointReader(tmp_path / "f.safetensors") as reader:
         assert reader.view_rows("t", 0, 8).sum() == torch.arange(64.0).sum()
@@ -364,7 +357,7 @@ def test_a_large_copied_key_stays_within_the_memory_budget(tmp_path):
     code = textwrap.dedent(f"""
         import psutil, torch
         from astolfo_merge.io import arch
-        from astolfo_merge.io.checkpoint import read_header
+        from astolfo_merge.io.header import read_header
         from astolfo_merge.core.engine import RunOptions, run_merge
         from astolfo_merge.core.plan import KeyPlan, Plan, Source
         from astolfo_merge.core.recipe import parse_recipe
@@ -405,7 +398,7 @@ def test_an_absurd_marker_is_refused_naming_file_and_key(models):
 @pytest.mark.slow
 def test_thirty_generations_of_merges_keep_a_bounded_readable_header(models, tmp_path):
     from astolfo_merge.core import lineage
-    from astolfo_merge.io.checkpoint import HashCache
+    from astolfo_merge.io.hashes import HashCache
 
     from conftest import metadata
     hostile = {f"{i:064x}": {"name": f"ancestor-{i}.safetensors", "legacy_hash": "0" * 8,

@@ -8,7 +8,10 @@ import torch
 
 from astolfo_merge.core.stream import REWIND, row_spans, stored_chunks, write_file
 from astolfo_merge.errors import Cancelled
-from astolfo_merge.io.checkpoint import CheckpointReader, read_header, save_file, sha256_file
+from astolfo_merge.io.hashes import sha256_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.reader import CheckpointReader
+from astolfo_merge.io.writer import save_file
 
 TENSORS = {"w": torch.arange(60, dtype=torch.float32).reshape(10, 6), "s": torch.tensor(2.5),
            "e": torch.zeros((0,), dtype=torch.int64), "v": torch.arange(12, dtype=torch.float16).reshape(12, 1, 1)}

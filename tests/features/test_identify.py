@@ -16,7 +16,8 @@ from astolfo_merge.errors import ArchitectureError, CheckpointError
 from astolfo_merge.features import repair
 from astolfo_merge.features.inspection import format_report, inspect_file
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import Header, TensorInfo, save_file
+from astolfo_merge.io.header import Header, TensorInfo
+from astolfo_merge.io.writer import save_file
 
 from conftest import SHARED, load
 

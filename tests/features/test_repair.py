@@ -13,7 +13,8 @@ from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import ArchitectureError, AstolfoError, CheckpointError
 from astolfo_merge.features import repair
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import read_header, save_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.writer import save_file
 
 from conftest import TEST_SCALE, load, run_recipe
 

@@ -10,7 +10,7 @@ from astolfo_merge.cli.commands import main
 from astolfo_merge.errors import ArchitectureError, RecipeError
 from astolfo_merge.features.swap import swap
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.io.header import read_header
 
 from conftest import TEST_SCALE, load
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.io.header import read_header
 
 from conftest import SHARED
 

@@ -8,7 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file as st_save
 
 from astolfo_merge.errors import CheckpointError, OutputExistsError
-from astolfo_merge.io.checkpoint import CheckpointReader, SafetensorsWriter, read_header, save_file, sha256_file
+from astolfo_merge.io.hashes import sha256_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.reader import CheckpointReader
+from astolfo_merge.io.writer import SafetensorsWriter, save_file
 
 
 def sample_tensors():
@@ -150,26 +153,27 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_and_the_payload_never_run
 def test_the_windows_branch_closes_before_renaming_or_deleting(tmp_path, monkeypatch):
     """Without fcntl (Windows) the temp file is locked through msvcrt and must be closed before it is
     renamed or deleted; the results are the same as on POSIX: committed, refused, or aborted cleanly."""
-    from astolfo_merge.io import checkpoint
+    from astolfo_merge.io import tempfiles, writer as writer_module
     locked = []
-    monkeypatch.setattr(checkpoint, "fcntl", None)
-    monkeypatch.setattr(checkpoint, "_lock", lambda fd: locked.append(fd))
+    monkeypatch.setattr(writer_module, "fcntl", None)
+    monkeypatch.setattr(tempfiles, "fcntl", None)
+    monkeypatch.setattr(tempfiles, "_lock", lambda fd: locked.append(fd))
     entries = [("w", torch.float32, (2, 3))]
     value = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    with checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries) as writer:
+    with SafetensorsWriter(tmp_path / "a.safetensors", entries) as writer:
         writer.write("w", value)
         writer.commit()
     with CheckpointReader(tmp_path / "a.safetensors") as reader:
         assert locked and torch.equal(reader.read("w"), value)
     with pytest.raises(OutputExistsError):
-        checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries)
-    with checkpoint.SafetensorsWriter(tmp_path / "a.safetensors", entries, overwrite=True) as writer:
+        SafetensorsWriter(tmp_path / "a.safetensors", entries)
+    with SafetensorsWriter(tmp_path / "a.safetensors", entries, overwrite=True) as writer:
         writer.write("w", value * 2)
         writer.commit()
     with CheckpointReader(tmp_path / "a.safetensors") as reader:
         assert torch.equal(reader.read("w"), value * 2)
     with pytest.raises(RuntimeError):
-        with checkpoint.SafetensorsWriter(tmp_path / "b.safetensors", entries) as writer:
+        with SafetensorsWriter(tmp_path / "b.safetensors", entries) as writer:
             writer.write("w", value[:1])
             raise RuntimeError("cancelled midway")
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]

@@ -20,7 +20,9 @@ from astolfo_merge.features.demo import write_synthetic
 from astolfo_merge.features.inspection import inspect_file
 from astolfo_merge.features.repair import repair_file
 from astolfo_merge.io import arch
-from astolfo_merge.io.checkpoint import CheckpointReader, cast_output, fp8_out_of_range, read_header, save_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.reader import CheckpointReader
+from astolfo_merge.io.writer import cast_output, fp8_out_of_range, save_file
 from astolfo_merge.methods import get_method
 from astolfo_merge.methods.registry import TensorInputs
 from astolfo_merge.ui.state import carried_dtype, form_carry

@@ -11,7 +11,9 @@ from astolfo_merge.core import engine
 from astolfo_merge.core.engine import RunOptions, run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
-from astolfo_merge.io.checkpoint import CheckpointReader, read_header, save_file
+from astolfo_merge.io.header import read_header
+from astolfo_merge.io.reader import CheckpointReader
+from astolfo_merge.io.writer import save_file
 
 from conftest import load, run_recipe
 

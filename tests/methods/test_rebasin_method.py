@@ -10,7 +10,7 @@ import torch
 
 from astolfo_merge.errors import Cancelled
 from astolfo_merge.io import arch as archmod
-from astolfo_merge.io.checkpoint import save_file
+from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods import TensorInputs, get_method
 from astolfo_merge.methods.rebasin.spec import attention_heads, build_spec, groupnorm_groups, permute
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.io.header import read_header
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 from browser_helpers import CHROMIUM, free_port, launch, pick, progress, sha256, stop, wait_http

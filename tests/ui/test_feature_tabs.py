@@ -186,7 +186,7 @@ def test_repair_overwrites_only_with_the_checkbox(host, models, novae_xl):
 def test_correct_position_ids_are_not_reset_and_an_unused_base_is_not_recorded(host, models):
     import json
 
-    from astolfo_merge.io.checkpoint import read_header
+    from astolfo_merge.io.header import read_header
     panel = RepairPanel(host, CATALOG)
     plan = panel.plan("sdxl-a.safetensors", "sdxl-base.safetensors")
     assert plan.position_ids == "kept" and "reset" not in plan.summary() and "already 0..76" in plan.summary()

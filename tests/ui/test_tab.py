@@ -8,7 +8,7 @@ import pytest
 
 from astolfo_merge.core import jobs
 from astolfo_merge.core.recipe import parse_recipe
-from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.io.header import read_header
 from astolfo_merge.ui import repair_tab
 from astolfo_merge.ui.catalog import Catalog
 from astolfo_merge.ui.host import StandaloneHost
@@ -279,7 +279,7 @@ SDXL_VAE = [k for k in __import__("astolfo_merge.io.arch", fromlist=["layout"]).
 def test_the_first_seconds_show_the_hashing_stage_and_no_eta(models, tmp_path):
     from astolfo_merge.core.engine import RunOptions, run_merge
     from astolfo_merge.core.plan import build_plan
-    from astolfo_merge.io.checkpoint import HashCache
+    from astolfo_merge.io.hashes import HashCache
     plan = build_plan(parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "n_average"}),
                       str(models), str(tmp_path / "out.safetensors"))
     seen = []

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from astolfo_merge.features import trials
-from astolfo_merge.io.checkpoint import read_header
+from astolfo_merge.io.header import read_header
 
 from conftest import load
 from webui_fakes import ROOT, installed, p_object

@@ -8,7 +8,8 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from astolfo_merge.io.checkpoint import DTYPES, CheckpointError, read_header
+from astolfo_merge.errors import CheckpointError
+from astolfo_merge.io.header import DTYPES, read_header
 
 pytestmark = pytest.mark.slow   # generated inputs: tens of seconds
 DTYPE_NAMES = list(DTYPES) + ["C64", "F4", "", "f16", None, 7]
