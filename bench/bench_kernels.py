@@ -46,7 +46,7 @@ MEMORY_GB = 1.5
 
 
 class HalfInputs(KeyInputs):
-    """fp16 tensors in memory, read like engine.FileKeyInputs reads safetensors pages: one widening
+    """fp16 tensors in memory, read like key_inputs.FileKeyInputs reads safetensors pages: one widening
     copy per chunk for all N models (fp16 -> fp32 staging -> compute dtype), engine chunk sizes."""
 
     def __init__(self, models, base, dtype=torch.float64, seed=0, budget_bytes=int(MEMORY_GB * 2 ** 30) // 2):
@@ -91,7 +91,7 @@ class HalfInputs(KeyInputs):
         return (torch.float16,) * self.n
 
     def chunks(self, resident):
-        """engine.FileKeyInputs.chunks with one chunk in flight."""
+        """key_inputs.FileKeyInputs.chunks with one chunk in flight."""
         from astolfo_merge.methods.shapes import row_spans
         return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes)
 

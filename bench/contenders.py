@@ -18,9 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail"):
-    from astolfo_merge.core.engine import RunOptions, run_merge
+    from astolfo_merge.core.engine import run_merge
     from astolfo_merge.core.plan import build_plan
     from astolfo_merge.core.recipe import parse_recipe
+    from astolfo_merge.core.run_options import RunOptions
     doc = {"pool": inputs, "method": method, "params": params, "precision": precision, "dtype": "fp16",
            "nonfinite": nonfinite}
     if base:

@@ -16,9 +16,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
-from astolfo_merge.core.engine import RunOptions, run_merge  # noqa: E402
+from astolfo_merge.core.engine import run_merge  # noqa: E402
 from astolfo_merge.core.plan import build_plan  # noqa: E402
 from astolfo_merge.core.recipe import Recipe, parse_recipe  # noqa: E402
+from astolfo_merge.core.run_options import RunOptions  # noqa: E402
 from astolfo_merge.features.demo import write_synthetic  # noqa: E402
 
 TEST_SCALE = 64

@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from astolfo_merge.core.engine import RunOptions, run_merge  # noqa: E402
+from astolfo_merge.core.engine import run_merge  # noqa: E402
 from astolfo_merge.core.plan import build_plan  # noqa: E402
 from astolfo_merge.core.recipe import parse_recipe  # noqa: E402
+from astolfo_merge.core.run_options import RunOptions  # noqa: E402
 from astolfo_merge.features.demo import write_synthetic  # noqa: E402
 from astolfo_merge.features.lora_synth import write_synthetic_lora  # noqa: E402
 from astolfo_merge.features.repair import repair_file  # noqa: E402

@@ -29,9 +29,10 @@ def _workers(text):
 
 
 def cmd_merge(args):
-    from ..core.engine import RunOptions, run_merge
+    from ..core.engine import run_merge
     from ..core.plan import build_plan
     from ..core.recipe import load_recipe, recipe_from_metadata
+    from ..core.run_options import RunOptions
     from ..io.header import read_header
 
     if args.recipe.lower().endswith(".safetensors"):
@@ -91,9 +92,10 @@ def cmd_demo_models(args):
 
 def cmd_demo(args):
     """The README's one-command tour: demo models, then a merge of two of them, then inspect."""
-    from ..core.engine import RunOptions, run_merge
+    from ..core.engine import run_merge
     from ..core.plan import build_plan
     from ..core.recipe import parse_recipe
+    from ..core.run_options import RunOptions
     from ..features.demo import write_demo_models
     write_demo_models(args.models_dir)
     recipe = parse_recipe({"pool": ["demo-sd1-anime.safetensors", "demo-sd1-photo.safetensors", "demo-sd1-painted.safetensors"],

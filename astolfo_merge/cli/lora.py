@@ -34,9 +34,10 @@ def bake_recipe(model: str, loras: list, dtype: str = "fp16", precision: str = "
 
 
 def cmd_bake(args):
-    from ..core.engine import RunOptions, run_merge
+    from ..core.engine import run_merge
     from ..core.plan import build_plan
     from ..core.recipe import parse_recipe
+    from ..core.run_options import RunOptions
 
     models_dir = args.models_dir or os.path.dirname(os.path.abspath(args.model))
     loras = [parse_lora_arg(text) for text in args.lora]

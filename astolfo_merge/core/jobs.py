@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import AstolfoError, Cancelled
-from .engine import MergeResult, Progress, RunOptions, run_merge
+from .engine import run_merge
+from .run_options import MergeResult, Progress, RunOptions
 
 LOG_LINES = 200                 # lines kept per job (the tab shows the tail)
 PROGRESS_LOG_INTERVAL_S = 2.0   # a "keys done" log line at most this often

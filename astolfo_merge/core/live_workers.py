@@ -2,7 +2,7 @@
 
 Why: the WebUI process runs a live merge on one torch thread (its own settings stay as they are)
 and the interpreter's lock makes chunk threads no faster; worker processes (executors.py) use the
-other cores. Each worker runs the engine's own `_write_key` with a writer that sends every chunk
+other cores. Each worker runs the engine's own `write_key` (key_chunks.py) with a writer that sends every chunk
 to the parent ("chunk" frames, worker_main.ChunkSender); the parent copies it straight into the
 model's tensor at the key's running offset. A key is in flight on one worker only, so its chunks
 arrive in row order. Any failure or a cancel kills the workers; keys written so far keep their

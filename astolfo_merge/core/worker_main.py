@@ -17,8 +17,8 @@ import torch
 
 from ..io.reader import CheckpointReader
 from ..io.writer import RangeWriter
-from .engine import _write_key
 from .executors import pack_error, read_frame, send_frame
+from .key_chunks import write_key
 from .stage_run import Bindings
 
 
@@ -72,7 +72,7 @@ def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop
             if started is not None:
                 started(index)
             log = []
-            _write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
+            write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
             if sender is not None:
                 sender.flush()
             if finished is not None:

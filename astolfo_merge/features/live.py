@@ -28,10 +28,12 @@ from typing import Callable
 
 import torch
 
-from ..core.engine import MergeResult, Progress, RunOptions, _key_chunks, one_torch_thread, output_metadata
 from ..core.executors import WORKER_CHUNK_BYTES, Crew, auto_process_count
+from ..core.key_chunks import key_chunks, one_torch_thread
 from ..core.live_workers import ChunkRun, sub_plan
+from ..core.metadata import output_metadata
 from ..core.plan import GIB, KeyPlan, Plan, load_source
+from ..core.run_options import MergeResult, Progress, RunOptions
 from ..core.stage_run import Bindings, run_whole_stage
 from ..core.stream import REWIND
 from ..core.workers import ChunkWorkers
@@ -230,7 +232,7 @@ def _write_key(plan, kp, tensor, readers, dtype, device, chunk_bytes, log, cance
     """Stream one key's chunks into `tensor` (rows in order), as the engine produces them for a file
     (NaN/Inf inputs follow the recipe's policy there: a key that starts over comes as REWIND)."""
     view, start = _target_view(tensor, kp), 0
-    for chunk in _key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
+    for chunk in key_chunks(plan, kp, readers, dtype, device, chunk_bytes, log, cancel, bound, pool):
         if chunk is REWIND:
             start = 0
         elif view.dim() == 0:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 
-from ..core.engine import RunOptions, run_merge
+from ..core.engine import run_merge
 from ..core.plan import build_plan, load_source, resolve_file
 from ..core.recipe import OUTPUT_DTYPES, parse_recipe
+from ..core.run_options import RunOptions
 from ..errors import ArchitectureError, RecipeError
 from ..io.header import NAME_OF
 from .repair_plan import dominant_float_dtype

@@ -11,9 +11,9 @@ import copy
 import os
 from dataclasses import dataclass
 
-from ..core.engine import MergeResult, RunOptions
 from ..core.plan import Plan, build_plan
 from ..core.recipe import Recipe
+from ..core.run_options import MergeResult, RunOptions
 from ..errors import AstolfoError, RecipeError
 from ..io.header import is_checkpoint_name
 

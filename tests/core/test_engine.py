@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import ArchitectureError, Cancelled, MemoryBudgetError
 from astolfo_merge.io import arch
 
@@ -194,7 +195,7 @@ def test_progress_reports_every_key_and_ends_complete(models):
 
 
 def test_chunks_respect_the_chunk_budget_whatever_the_pool_size(models):
-    from astolfo_merge.core.engine import FileKeyInputs
+    from astolfo_merge.core.key_inputs import FileKeyInputs
     recipe = parse_recipe({"pool": ["sdxl-a.safetensors", "sdxl-b.safetensors"], "method": "n_average", "output": "q.safetensors"})
     plan = build_plan(recipe, str(models))
     kp = next(k for k in plan.keys if k.key.endswith("token_embedding.weight") and k.component == "te1")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import (
     NONFINITE,
@@ -23,6 +23,7 @@ from astolfo_merge.core.recipe import (
     load_recipe,
     parse_recipe,
 )
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import CheckpointError, OptionError, RecipeError
 from astolfo_merge.features.analysis import PLOT_FORMATS, analyze
 from astolfo_merge.features.inspection import format_report, inspect_file

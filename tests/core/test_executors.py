@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from astolfo_merge.core import executors
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.core.tasks import cut_tasks, key_cost
 from astolfo_merge.errors import Cancelled, CheckpointError, MemoryBudgetError, MergeKeyError
 from astolfo_merge.features.lora_synth import write_synthetic_lora
@@ -239,7 +240,7 @@ def test_a_cancel_stops_every_worker_and_leaves_nothing(models, tmp_path, spawne
 JOB_SCRIPT = r"""
 import os, sys, torch
 from astolfo_merge.core import jobs
-from astolfo_merge.core.engine import RunOptions
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.methods.rebasin.spec import build_spec, permute
 from astolfo_merge.core.recipe import parse_recipe

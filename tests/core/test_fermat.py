@@ -8,9 +8,10 @@ import threading
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import Cancelled, RecipeError
 from astolfo_merge.io import arch as archmod
 from astolfo_merge.io.writer import save_file

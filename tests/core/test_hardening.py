@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import ArchitectureError, CheckpointError, MergeKeyError
 from astolfo_merge.io.header import read_header
 from astolfo_merge.io.tempfiles import OutputBusyError, partial_path, temp_files

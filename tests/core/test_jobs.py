@@ -7,9 +7,9 @@ import time
 import pytest
 
 from astolfo_merge.core import jobs
-from astolfo_merge.core.engine import RunOptions
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import Cancelled
 
 SLOW = 0.01     # RunOptions.throttle, seconds per key: a 1131-key merge then takes ~11 s unless cancelled

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from astolfo_merge.cli.commands import main
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.lora import describe, list_loras, validate_loras
 from astolfo_merge.core.lora_names import target_of
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.core.stage_run import Bindings
 from astolfo_merge.core.stages import LORAS, Step
 from astolfo_merge.errors import ArchitectureError, CheckpointError, RecipeError

@@ -21,9 +21,10 @@ import pytest
 from test_executors import BASE, POOL, _after_keys, _untimed, copies, leftovers, recipe  # noqa: F401
 
 from astolfo_merge.cli import commands as cli_module
-from astolfo_merge.core import engine, ray_executor
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core import pipeline, ray_executor
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import Cancelled, CheckpointError, OptionError
 from astolfo_merge.io.tempfiles import partial_path
 
@@ -128,13 +129,13 @@ def test_a_local_rays_tasks_run_at_normal_priority_as_worker_processes_do(local_
 def test_an_input_truncated_before_the_tasks_read_it_fails_naming_it_and_leaves_nothing(copies, tmp_path, local_ray,  # noqa: F811
                                                                                         monkeypatch):
     victim = copies / "sd1-b.safetensors"
-    real = engine.run_on_ray
+    real = pipeline.run_on_ray
 
     def truncate_first(*args, **kw):
         os.truncate(victim, os.path.getsize(victim) // 3)
         return real(*args, **kw)
 
-    monkeypatch.setattr(engine, "run_on_ray", truncate_first)
+    monkeypatch.setattr(pipeline, "run_on_ray", truncate_first)
     with pytest.raises(CheckpointError) as caught:
         merge(copies, {"pool": POOL, "method": "n_average"}, tmp_path / "out", ray="local")
     assert str(victim) in str(caught.value)

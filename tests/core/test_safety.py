@@ -14,9 +14,10 @@ import time
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
 from astolfo_merge.io.header import MAX_HEADER_BYTES, read_header
 from astolfo_merge.io.tempfiles import OutputBusyError, partial_path, reclaim_temp_files, temp_files
@@ -303,7 +304,8 @@ def test_an_input_that_shrinks_between_keys_is_reported_by_name(models, tmp_path
     victim.write_bytes((models / "sdxl-b.safetensors").read_bytes())
     code = textwrap.dedent(f"""
         import os, sys
-        from astolfo_merge.core.engine import RunOptions, run_merge
+        from astolfo_merge.core.engine import run_merge
+        from astolfo_merge.core.run_options import RunOptions
         from astolfo_merge.errors import AstolfoError
         from astolfo_merge.core.plan import build_plan
         from astolfo_merge.core.recipe import parse_recipe
@@ -358,7 +360,8 @@ def test_a_large_copied_key_stays_within_the_memory_budget(tmp_path):
         import psutil, torch
         from astolfo_merge.io import arch
         from astolfo_merge.io.header import read_header
-        from astolfo_merge.core.engine import RunOptions, run_merge
+        from astolfo_merge.core.engine import run_merge
+        from astolfo_merge.core.run_options import RunOptions
         from astolfo_merge.core.plan import KeyPlan, Plan, Source
         from astolfo_merge.core.recipe import parse_recipe
         header = read_header({str(tmp_path / "big.safetensors")!r})

@@ -7,9 +7,11 @@ import time
 import pytest
 import torch
 
-from astolfo_merge.core.engine import FileKeyInputs, RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
+from astolfo_merge.core.key_inputs import FileKeyInputs
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.core.workers import ChunkWorkers
 
 

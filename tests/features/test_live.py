@@ -10,9 +10,10 @@ import threading
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import Cancelled, OutputExistsError
 from astolfo_merge.features import live
 from astolfo_merge.io.arch import block_of

@@ -7,10 +7,11 @@ import struct
 import pytest
 import torch
 
-from astolfo_merge.core import engine
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core import key_inputs
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.io.header import read_header
 from astolfo_merge.io.reader import CheckpointReader
 from astolfo_merge.io.writer import save_file
@@ -94,7 +95,7 @@ def test_misaligned_files_fall_back_to_copies_with_the_same_result(models):
     {"method": "geometric_median"},
 ], ids=lambda d: json.dumps(d, sort_keys=True))
 def test_views_and_copies_give_the_same_bytes(models, monkeypatch, doc):
-    monkeypatch.setattr(engine, "RELEASE_BYTES", 1)     # unmap used pages behind every chunk
+    monkeypatch.setattr(key_inputs, "RELEASE_BYTES", 1)     # unmap used pages behind every chunk
     with_views = merge(models, "views.safetensors", **doc)
     monkeypatch.setattr(CheckpointReader, "view_rows", lambda self, key, start, stop: None)
     with_copies = merge(models, "copies.safetensors", **doc)

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.methods import apply
 from astolfo_merge.methods.dare import CounterMasks, TorchMasks, uniforms
 

@@ -76,9 +76,10 @@ def engine_digest(folder, name, budget) -> str:
     """An 8-model merge of tiny SD1 checkpoints through the engine (file reads, its chunking), fp32 output."""
     from safetensors.torch import load_file
 
-    from astolfo_merge.core.engine import RunOptions, run_merge
+    from astolfo_merge.core.engine import run_merge
     from astolfo_merge.core.plan import build_plan
     from astolfo_merge.core.recipe import parse_recipe
+    from astolfo_merge.core.run_options import RunOptions
     from astolfo_merge.features.demo import write_synthetic
     folder = pathlib.Path(folder)
     paths = []

@@ -7,9 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from astolfo_merge.core.engine import RunOptions, run_merge
+from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
+from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.methods import TensorInputs, apply, get_method
 from astolfo_merge.methods.median import weiszfeld_direct, weiszfeld_gram
 

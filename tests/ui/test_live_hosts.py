@@ -109,7 +109,8 @@ def test_xyz_cells_merge_into_the_loaded_model_and_the_grid_restores_it(a1111):
     assert all(not torch.equal(outs[0][k], outs[1][k]) for k in outs[0])    # cells differ
     reference = trials.with_alpha(trials.parse_recipe(TEMPLATE), 0.8)
     reference.output = "ref.safetensors"
-    from astolfo_merge.core.engine import RunOptions, run_merge
+    from astolfo_merge.core.engine import run_merge
+    from astolfo_merge.core.run_options import RunOptions
     ref = load(run_merge(glue.HOST.plan(reference), RunOptions(hash_inputs=False)).path)
     assert all(torch.equal(outs[2][k], ref[k].float()) for k in outs[2])     # the cell = the file merge
     assert live_label(model) == "" and fake.loads == [str(fake.models / LOADED)]

@@ -277,8 +277,9 @@ SDXL_VAE = [k for k in __import__("astolfo_merge.io.arch", fromlist=["layout"]).
 
 
 def test_the_first_seconds_show_the_hashing_stage_and_no_eta(models, tmp_path):
-    from astolfo_merge.core.engine import RunOptions, run_merge
+    from astolfo_merge.core.engine import run_merge
     from astolfo_merge.core.plan import build_plan
+    from astolfo_merge.core.run_options import RunOptions
     from astolfo_merge.io.hashes import HashCache
     plan = build_plan(parse_recipe({"pool": ["sd1-a.safetensors", "sd1-b.safetensors"], "method": "n_average"}),
                       str(models), str(tmp_path / "out.safetensors"))
@@ -291,7 +292,7 @@ def test_the_first_seconds_show_the_hashing_stage_and_no_eta(models, tmp_path):
 
 
 def test_the_eta_waits_for_a_few_percent_and_seconds_of_merging():
-    from astolfo_merge.core.engine import merge_eta
+    from astolfo_merge.core.run_options import merge_eta
     assert merge_eta(9.0, 1, 1000) is None, "hashing time never counts; 0.1 % says nothing yet"
     assert merge_eta(1.0, 500, 1000) is None, "under 2 s of merging"
     assert merge_eta(4.0, 100, 1000) == pytest.approx(36.0)
