@@ -22,9 +22,11 @@ from ..methods import METHODS
 from . import analysis_tab, repair_tab
 from .catalog import default_catalog
 from .compat import listen, make, poll_options
+from .form_handlers import FormHandlers
 from .forms import BlockWeights, ParamForm
-from .handlers import TabHandlers
 from .live import LiveHandlers
+from .recipe_handlers import RecipeHandlers
+from .run_handlers import RunHandlers
 from .state import COMPONENT_TITLES, LORA_ROWS, LORA_WHEN, MODES, components_of, slots
 from .words import error_text
 
@@ -52,9 +54,10 @@ def device_choices() -> list:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-class MergerTab(LiveHandlers, TabHandlers):
-    """Layout of the tab; the event handlers live in ui_handlers.TabHandlers (live_ui.LiveHandlers:
-    merging into the WebUI's loaded model)."""
+class MergerTab(LiveHandlers, FormHandlers, RunHandlers, RecipeHandlers):
+    """Layout of the tab; the event handlers live in form_handlers.FormHandlers (pool, method, reading
+    the form), run_handlers.RunHandlers (plan, merge, poll), recipe_handlers.RecipeHandlers (saving and
+    loading recipes) and live.LiveHandlers (merging into the WebUI's loaded model)."""
 
     def __init__(self, host, catalog=None):
         self.host = host

@@ -1,33 +1,24 @@
-"""Event handlers of the Merger tab (the layout is in tab.py).
+"""Handlers of the Merger tab's form: the model lists, the pool, the method and its forms, and
+reading the form into a `Recipe` (the layout is in tab.py).
 
 Handlers are plain methods over widget values: they read the form, by field name, into a
-`Recipe` (state.py maps rows to rules), call the backend (plan, jobs, recipe) and return
-updates. They never wait for a merge: Merge submits a job, the page's poll reads snapshots.
+`Recipe` (state.py maps rows to rules) and return updates. Running the plan is in run_handlers.py,
+saving and loading recipes in recipe_handlers.py.
 """
 from __future__ import annotations
 
-import html
-import os
-import re
 import time
 
 import gradio as gr
 
-from ..core import jobs
-from ..core.plan import GIB
-from ..core.recipe import Recipe, load_recipe, parse_recipe, recipe_from_metadata
-from ..errors import AstolfoError, MemoryBudgetError, OutputExistsError, RecipeError
-from ..features import trials
-from ..io.header import read_header
-from ..io.paths import check_recipe_size, confine_recipe, recipe_path
-from .catalog import format_size, guess_base, pool_arch, pool_scale
-from .compat import file_value_bytes
+from ..core.recipe import Recipe, parse_recipe
+from ..errors import RecipeError
+from .catalog import guess_base, pool_arch, pool_scale
 from .forms import preset_values
 from .state import (
     BASE,
     MAIN,
     MODE_OF_LABEL,
-    MODES,
     OWN,
     TAKE,
     arch_components,
@@ -35,25 +26,16 @@ from .state import (
     carried_dtype,
     carried_extra,
     clean_params,
-    component_carry,
-    component_mode,
     component_rule,
     components_of,
-    form_carry,
-    lora_rows,
     loras_from_rows,
     merge_selection,
     slot_values,
 )
-from .words import plain, tab_words
 
 NONE = "(none)"
-LOG_TAIL = 40
-PLAN_NOTES = 8
 LOCKED_NOTE = ("**Every component is taken from a file** (see Components): the method, its parameters and the "
                "block weights are not used. Set a component back to *Main method* to use them.")
-# plan notes (plan.Notes) about keys the output would lack or merge from fewer inputs: shown first
-PLAN_WARNINGS = ("left out (repair the inputs first)", "merged from the inputs that have them")
 POOL_SUMMARY_NAMES = 12
 
 
@@ -62,14 +44,7 @@ def fill(outputs: list, updates: dict) -> list:
     return [updates[c] if c in updates else gr.update() for c in outputs]
 
 
-def fmt_seconds(seconds) -> str:
-    seconds = float(seconds or 0)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-
-
-class TabHandlers:
+class FormHandlers:
     """Mixed into ui.MergerTab, which defines the widgets these handlers read and update."""
 
     # -- model listing ----------------------------------------------------------------------------
@@ -337,235 +312,3 @@ class TabHandlers:
     def run_of(form: dict) -> dict:
         return dict(device=form["device"], threads=int(form["threads"] or 0), memory_gb=form["memory_gb"] or 1.5,
                     overwrite=bool(form["overwrite"]))
-
-    # -- plan, merge, cancel ----------------------------------------------------------------------
-    def plan_blockers(self, plan, options) -> list:
-        """What would stop Merge with this plan and these run options (shown before the plan)."""
-        out = []
-        if plan.output and os.path.exists(plan.output) and not options.overwrite:
-            out.append(f"`{os.path.basename(plan.output)}` exists: tick **Overwrite an existing file** or change "
-                       "the **File name**")
-        try:
-            plan.check_budget(options.memory_gb)
-        except MemoryBudgetError as exc:
-            out.append(tab_words(str(exc)))
-        return out
-
-    def plan_text(self, plan, options) -> str:
-        """Blocking problems first, then notes that need the user (keys left out), then the plan."""
-        merged = sum(1 for k in plan.keys if k.action == "merge")
-        peak = plan.peak_bytes(int(options.memory_gb * GIB))
-        lines = [f"**Merge would stop:** {b}" for b in self.plan_blockers(plan, options)]
-        urgent = [n for n in plan.log if n.endswith(PLAN_WARNINGS)]
-        advice = "pick a complete **Base model**" if plan.recipe.base else "pick a **Base model** to fill them"
-        lines += [f"⚠ {tab_words(n)} — {advice}" for n in urgent]
-        lines += [f"**Plan:** {plan.arch.upper()} · {len(plan.sources)} input file(s) · {len(plan.keys)} keys "
-                  f"({merged} merged, {len(plan.keys) - merged} copied) · output {format_size(plan.output_bytes)}",
-                  f"Predicted peak memory: **{peak / GIB:.2f} GiB** (budget {options.memory_gb:g} GB) · "
-                  f"device {options.device} · threads {options.threads or 'auto'}",
-                  "Components: " + "; ".join(f"{k}: {v}" for k, v in plan.component_summary.items())]
-        notes = [n for n in plan.log if n not in urgent]
-        lines += [f"note: {tab_words(line)}" for line in notes[:PLAN_NOTES]]
-        if len(notes) > PLAN_NOTES:
-            lines.append(f"… {len(notes) - PLAN_NOTES} more notes (in the log once the merge runs)")
-        if plan.output and os.path.exists(plan.output) and options.overwrite:
-            lines.append(f"⚠ `{os.path.basename(plan.output)}` exists and will be replaced")
-        return "  \n".join(lines)
-
-    def prepare(self, values):
-        form = self.named(values)
-        recipe = self.recipe_of(form)
-        confine_recipe(self.host, recipe)   # names from the page: only files inside the host's folders
-        plan = self.host.plan(recipe)
-        options = self.host.run_options(**self.run_of(form))
-        return recipe, plan, options
-
-    def on_check(self, *values):
-        try:
-            recipe, plan, options = self.prepare(values)
-        except AstolfoError as exc:
-            return self.error_text(exc), gr.update()
-        return self.plan_text(plan, options), recipe.to_json()
-
-    def on_merge(self, *values):
-        try:
-            recipe, plan, options = self.prepare(values)
-            if os.path.exists(plan.output) and not options.overwrite:
-                raise OutputExistsError(plan.output)
-            plan.check_budget(options.memory_gb)
-            job = self.jobs.submit(plan, options, title=recipe.output, on_done=self.host.after_merge)
-        except AstolfoError as exc:
-            return self.error_text(exc), gr.update(), gr.update()
-        # the progress shows the new job at once (and tells the page script to poll fast)
-        return f"Started {job.title}.  \n{self.plan_text(plan, options)}", recipe.to_json(), self.progress_html(job.snapshot())
-
-    def on_cancel(self):
-        if self.jobs.cancel():
-            return "Cancelling … the partial file is removed."
-        return "No merge is running."
-
-    # -- polling ----------------------------------------------------------------------------------
-    def on_poll(self, seen, filter_text, selection):
-        outputs = [self.progress, self.log, self.summary, self.load, self.seen, self.event, *self.list_outputs()]
-        seen = seen or {}
-        job = self.jobs.current()
-        if job is None:
-            if seen.get("idle"):
-                return fill(outputs, {})
-            return fill(outputs, {self.progress: self.progress_html(None), self.seen: {"idle": True}})
-        snap = job.snapshot()
-        if seen.get("job") == snap.id and seen.get("version") == snap.version:
-            return fill(outputs, {})
-        updates = {self.progress: self.progress_html(snap), self.log: "\n".join(snap.log[-LOG_TAIL:]),
-                   self.seen: {"job": snap.id, "version": snap.version, "finished": snap.finished}}
-        same_job = seen.get("job") == snap.id
-        if snap.finished and not (same_job and seen.get("finished")):
-            updates[self.summary] = self.summary_text(snap)
-            updates[self.load] = gr.update(visible=snap.status == jobs.DONE and self.host.can_load_model)
-            if snap.status == jobs.DONE:
-                self.reload_models()
-                updates.update(self.list_updates(filter_text, selection))
-                updates[self.event] = f"done:{snap.id}"
-        elif not same_job:
-            updates[self.summary] = ""
-            updates[self.load] = gr.update(visible=False)
-        return fill(outputs, updates)
-
-    def progress_html(self, snap) -> str:
-        if snap is None:
-            return ('<div class="astolfo-progress" data-status="idle" data-active="0">'
-                    '<div class="astolfo-progress-text">No merge yet.</div></div>')
-        pct = 100 * snap.fraction
-        if snap.stage:   # before the first key (hashing the inputs): no key count, no ETA
-            text = f"{snap.status} · {snap.stage} · {fmt_seconds(snap.elapsed)}"
-        else:
-            text = f"{snap.status} · {snap.keys_done}/{snap.keys_total} keys · {pct:.0f}% · {fmt_seconds(snap.elapsed)}"
-        if snap.status == jobs.RUNNING and snap.eta is not None and not snap.stage:
-            text += f" · ETA {fmt_seconds(snap.eta)}"
-        if snap.error:
-            text += f" — {plain(tab_words(snap.error))}"
-        return (f'<div class="astolfo-progress" data-status="{snap.status}" data-active="{int(snap.active)}" '
-                f'data-done="{snap.keys_done}" data-total="{snap.keys_total}" data-job="{snap.id}">'
-                f'<div class="astolfo-progress-track"><div class="astolfo-progress-fill astolfo-{snap.status}" '
-                f'style="width:{pct:.1f}%"></div></div>'
-                f'<div class="astolfo-progress-text">{html.escape(snap.title)} — {html.escape(text)}</div></div>')
-
-    def summary_text(self, snap) -> str:
-        if snap.status != jobs.DONE or snap.result is None:
-            return f"**{snap.status.capitalize()}:** {tab_words(snap.error or '')}"
-        r = snap.result
-        comps = "  \n".join(f"- {k}: {v}" for k, v in r.components.items())
-        return (f"**Done** in {fmt_seconds(r.seconds)} · {format_size(r.size)} · {r.keys} keys  \n"
-                f"`{r.path}`  \nsha256 `{r.sha256}`  \n{comps}")
-
-    def on_load(self, seen):
-        job = self.jobs.current()
-        if job is None or job.status != jobs.DONE or job.result is None:
-            return "Nothing to load: no finished merge.", ""
-        try:
-            message, name = self.host.load_model(job.result.path)
-        except Exception as exc:  # noqa: BLE001 - show the host's failure on the page
-            return f"**Could not load:** {exc}", ""
-        return message, name or ""
-
-    # -- recipes ----------------------------------------------------------------------------------
-    def on_xyz_template(self, *values):
-        try:
-            recipe = self.form_recipe(values)
-            path = trials.save_template(self.host, recipe.to_dict())
-        except AstolfoError as exc:
-            return self.error_text(exc), gr.update()
-        return (f"XYZ template saved (`{path}`). In txt2img → Script → X/Y/Z plot pick **[Merger] alpha** "
-                f"(values like `0.2, 0.4, 0.6`), **[Merger] LoRA strength** (the first LoRA row) or **[Merger] recipe**."), recipe.to_json()
-
-    def on_save_recipe(self, name, *values):
-        outputs_unchanged = (gr.update(), gr.update(), gr.update())
-        try:
-            recipe = self.form_recipe(values)
-            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", (name or "").strip()).strip("._") or \
-                re.sub(r"\.safetensors$", "", recipe.output or "recipe")
-            path = recipe_path(self.host, stem if stem.lower().endswith(".json") else f"{stem}.json", "Save as")
-        except AstolfoError as exc:
-            return (self.error_text(exc),) + outputs_unchanged
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(recipe.to_json())
-        return (f"Recipe saved: `{path}`", recipe.to_json(), path,
-                gr.update(choices=self.saved_recipe_choices(), value=os.path.basename(path)))
-
-    def on_load_saved(self, name, filter_text):
-        if not name:
-            return self.load_failed(RecipeError("(recipe)", "pick a saved recipe first"))
-        try:
-            recipe = load_recipe(recipe_path(self.host, name))
-        except AstolfoError as exc:
-            return self.load_failed(exc)
-        return self.apply_recipe(recipe, filter_text, f"Loaded recipe `{name}`.")
-
-    def on_upload(self, data, filter_text):
-        raw = file_value_bytes(data)
-        if raw is None:
-            return fill(self.load_recipe_outputs(), {})
-        try:
-            check_recipe_size(len(raw), "the uploaded recipe")
-            recipe = parse_recipe(raw.decode("utf-8", errors="replace"))
-        except AstolfoError as exc:
-            return self.load_failed(exc)
-        return self.apply_recipe(recipe, filter_text, "Loaded the uploaded recipe.")
-
-    def on_load_embedded(self, name, filter_text):
-        info = self.by_name.get(name)
-        if info is None:
-            return self.load_failed(RecipeError("(checkpoint)", f"pick a merged checkpoint first (got {name!r})"))
-        try:
-            recipe = recipe_from_metadata(read_header(info.path).metadata)
-        except AstolfoError as exc:
-            return self.load_failed(exc)
-        return self.apply_recipe(recipe, filter_text, f"Loaded the recipe embedded in `{name}`.")
-
-    def load_failed(self, exc):
-        return fill(self.load_recipe_outputs(), {self.message: self.error_text(exc)})
-
-    def apply_recipe(self, recipe, filter_text, message) -> list:
-        """Fill every widget from `recipe` (the form's one shape of a recipe)."""
-        output = recipe.output or ""
-        updates = self.pool_changed(list(recipe.pool), filter_text, recipe.base or NONE, recipe.method, output, "",
-                                    as_dict=True)
-        arch = pool_arch(self.by_name, list(recipe.pool))
-        updates[self.base] = gr.update(value=recipe.base or NONE)
-        updates[self.output_name] = output or updates.get(self.output_name, "")
-        updates[self.method] = gr.update(value=recipe.method)
-        updates.update(zip(self.main_form.components, self.main_form.updates(recipe.method, dict(recipe.params))))
-        updates[self.method_help] = self.method_help_text(recipe.method)
-        updates[self.mbw.enabled] = gr.update(value=bool(recipe.blocks))
-        updates.update(self.mbw.set_updates(arch, dict(recipe.blocks)))
-        for name, row in self.comp.items():
-            updates.update(self.component_updates(row, recipe.components.get(name)))
-        updates.update({self.dtype: recipe.dtype_of("default"), self.precision: recipe.precision,
-                        self.seed: recipe.seed,
-                        self.allow_mixed: recipe.allow_mixed_prediction, self.nonfinite: recipe.nonfinite,
-                        self.position_ids: recipe.position_ids, self.extra: form_carry(recipe),
-                        self.component_extra: component_carry(recipe),
-                        self.message: message, self.recipe_json: recipe.to_json()})
-        loras = recipe.extra.get("loras") or []
-        rows, carry = lora_rows(loras, len(self.lora_rows))
-        for widgets, (file, strength, when) in zip(self.lora_rows, rows):
-            updates.update(zip(widgets, (gr.update(value=file or NONE), strength, when)))
-        updates[self.lora_carry] = carry
-        if loras:
-            updates[self.lora_box] = gr.update(visible=True, open=True)
-        if component_mode(recipe.components.get("unet")) == BASE and not recipe.base:
-            updates[self.message] = message + " (note: 'keep base' needs a base model)"
-        return fill(self.load_recipe_outputs(), updates)
-
-    def component_updates(self, row, rule) -> dict:
-        """A component row showing `rule` (None: main method)."""
-        mode = component_mode(rule)
-        own = rule if mode == OWN else None
-        own_method = (own and own.method) or self.default_method
-        updates = {row["mode"]: MODES[mode],
-                   row["take"]: gr.update(value=rule.take if mode == TAKE else None, visible=mode == TAKE),
-                   row["own"]: gr.update(visible=mode == OWN), row["method"]: gr.update(value=own_method),
-                   row["pool"]: gr.update(value=list((own and own.pool) or []))}
-        updates.update(zip(row["form"].components, row["form"].updates(own_method, dict((own and own.params) or {}))))
-        return updates
