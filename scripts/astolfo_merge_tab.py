@@ -30,6 +30,7 @@ from modules import cache, call_queue, paths, script_callbacks, scripts, sd_mode
 
 # Imported now, at load time: the extension folder is on sys.path only while this file executes.
 import astolfo_merge.features.live as merger_live
+import astolfo_merge.features.live_state as live_state
 import astolfo_merge.features.live_webui as live_webui
 import astolfo_merge.features.trials as trials
 import astolfo_merge.ui.tab as merger_ui
@@ -158,7 +159,7 @@ def live_target(load: bool = False):
     model = None if forge else current_model(load)
     reason = live_webui.unsupported_reason(model, forge)
     if reason is not None:
-        raise merger_live.LiveError(reason)
+        raise live_state.LiveError(reason)
     info = live_webui._real_info(model)
     loaded = getattr(sd_models, "checkpoints_loaded", None)
     if isinstance(loaded, dict):      # the RAM checkpoint cache holds the model's own tensors: drop this file's
@@ -373,7 +374,7 @@ def cells_go_live() -> bool:
         return False
     try:
         live_target(load=True)
-    except merger_live.LiveError as exc:
+    except live_state.LiveError as exc:
         if not GRID.get("said"):
             print(f"AstolfoMerge: {AXIS_PREFIX} cells merge to files: {exc}", file=sys.stderr)
             GRID["said"] = True
@@ -515,7 +516,7 @@ LOADED_MODEL_ROUTE = "/astolfo-merge/v1/loaded-model"
 def loaded_model_info(digests: bool = False) -> dict:
     try:
         target = live_target()
-    except merger_live.LiveError as exc:
+    except live_state.LiveError as exc:
         return {"supported": False, "reason": str(exc)}
     return {"supported": True, **merger_live.describe(target, digests)}
 

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .live import LiveState, LiveTarget, release_network_backups, state_dict_target_keys
+from .live_state import LiveState, LiveTarget
 
 NOT_SUPPORTED = "not supported on this host"
 _STATE_ATTR = "_astolfo_merge_live"
@@ -104,3 +104,61 @@ class WebuiModelTarget(LiveTarget):
 def live_label(model) -> str:
     """The loaded model's live-merge label ("" when it holds its checkpoint's own weights)."""
     return getattr(getattr(model, "sd_checkpoint_info", None), "astolfo_merge_label", "")
+
+
+def state_dict_target_keys(names) -> dict:
+    """Model parameter name -> canonical checkpoint key, for models whose modules wrap others under a
+    `wrapped` attribute (the WebUI's text-encoder hijack: `cond_stage_model.wrapped.transformer…`,
+    `token_embedding.wrapped.weight`)."""
+    return {name: ".".join(part for part in name.split(".") if part != "wrapped") for name in names}
+
+
+def release_network_backups(model: torch.nn.Module, names) -> int:
+    """Make the WebUI's built-in LoRA (extensions-builtin/Lora/networks.py) forget the weights of the
+    modules owning `names` (model parameter names) before a live merge writes them.
+
+    networks.py keeps per module `network_weights_backup` / `network_bias_backup` (the weights before
+    any LoRA) and `network_current_names` (the LoRAs applied now); it restores the backup whenever the
+    LoRA set changes. Left alone after a live merge, that backup would undo the merge, and the merge
+    would overwrite applied LoRA deltas that the module believes are still there. So each affected
+    module first gets its backup back (no LoRA left in any of its tensors), then forgets backups and
+    names: the next generation backs up the merged weights and applies its LoRAs once, on top.
+    Returns the number of modules reset."""
+    owners = {}
+    for name in names:
+        parts = name.split(".")
+        for depth in (1, 2):     # the owner, and its parent (a MultiheadAttention owns out_proj.weight's backup)
+            if len(parts) > depth:
+                owners.setdefault(".".join(parts[:-depth]), None)
+    count = 0
+    with torch.no_grad():
+        for path in owners:
+            try:
+                module = model.get_submodule(path)
+            except AttributeError:
+                continue
+            if _release(module):
+                count += 1
+    return count
+
+
+def _release(module) -> bool:
+    if not any(hasattr(module, a) for a in ("network_current_names", "network_weights_backup", "network_bias_backup")):
+        return False
+    weights, bias = getattr(module, "network_weights_backup", None), getattr(module, "network_bias_backup", None)
+    if getattr(module, "network_current_names", ()):
+        if isinstance(module, torch.nn.MultiheadAttention):
+            if weights is not None:
+                module.in_proj_weight.copy_(weights[0])
+                module.out_proj.weight.copy_(weights[1])
+            if bias is not None:
+                module.out_proj.bias.copy_(bias)
+        else:
+            if weights is not None:
+                module.weight.copy_(weights)
+            if bias is not None and getattr(module, "bias", None) is not None:
+                module.bias.copy_(bias)
+    module.network_current_names = ()
+    module.network_weights_backup = None
+    module.network_bias_backup = None
+    return True

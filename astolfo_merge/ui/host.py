@@ -72,8 +72,8 @@ class Host:
 
     # -- live merge into the host's loaded model (live.py); only the WebUI has one ----------------
     def live_target(self):
-        """The loaded model as a live.LiveTarget; raises LiveError saying why not."""
-        from ..features.live import LiveError
+        """The loaded model as a live_state.LiveTarget; raises LiveError saying why not."""
+        from ..features.live_state import LiveError
         raise LiveError("merging into the loaded model needs the WebUI; here merges go to files")
 
     def live_lock(self):
@@ -81,7 +81,7 @@ class Host:
         return contextlib.nullcontext()
 
     def live_unsupported(self) -> str | None:
-        from ..features.live import LiveError
+        from ..features.live_state import LiveError
         try:
             self.live_target()
         except LiveError as exc:

@@ -12,7 +12,7 @@ import gradio as gr
 from ..core import jobs
 from ..errors import AstolfoError
 from ..features import trials
-from ..features.live import LiveResult
+from ..features.live_state import LiveResult
 from .compat import listen
 
 ELEM = "astolfo_merge"

@@ -15,7 +15,7 @@ from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.errors import Cancelled, OutputExistsError
-from astolfo_merge.features import live
+from astolfo_merge.features import live, live_state, live_webui
 from astolfo_merge.io.arch import block_of
 
 from conftest import load, metadata
@@ -37,7 +37,7 @@ def plan_of(models, rec, output=None):
 def loaded_model(models, dtype=torch.float32):
     """What a WebUI holds after loading sd1-a: its tensors in the model's dtype, and the target over them."""
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v.clone()) for k, v in load(models / LOADED).items()}
-    return tensors, live.TensorTarget(tensors, str(models / LOADED))
+    return tensors, live_state.TensorTarget(tensors, str(models / LOADED))
 
 
 def file_merge(models, rec, name):
@@ -66,7 +66,7 @@ def test_a_live_merge_holds_exactly_what_loading_the_merged_file_would(models):
     assert_holds(tensors, file_merge(models, recipe(0.3), "ref.safetensors"))
     merged = [k for k in target.state.merged]
     assert result.keys == len(merged) > 0 and result.restored == 0
-    assert target.labels == [f"[Merger] {live.recipe_hash(recipe(0.3))[:10]}"] and result.label == target.labels[-1]
+    assert target.labels == [f"[Merger] {live_state.recipe_hash(recipe(0.3))[:10]}"] and result.label == target.labels[-1]
 
 
 def test_a_second_merge_rewrites_only_keys_whose_recipe_changed(models):
@@ -117,7 +117,7 @@ def test_a_cancelled_merge_is_restored_whole(models):
         live.merge_into(target, plan_of(models, recipe(0.5)), OPTS, progress, cancel)
     assert not target.state.complete and 5 <= len(target.state.merged) <= 6
     assert target.labels[-1].startswith("[Merger]") and target.labels[-1].endswith("(incomplete)")
-    with pytest.raises(live.LiveError, match="interrupted"):
+    with pytest.raises(live_state.LiveError, match="interrupted"):
         live.save_loaded(target, models / "saved.safetensors")
     live.restore(target)
     assert_holds(tensors, load(models / LOADED), skip_other=False)
@@ -136,7 +136,7 @@ def test_other_weights_loaded_since_start_a_fresh_state(models):
 
 def test_save_writes_the_loaded_merge_with_its_recipe_and_never_overwrites(models):
     tensors, target = loaded_model(models)
-    with pytest.raises(live.LiveError, match="no live merge"):
+    with pytest.raises(live_state.LiveError, match="no live merge"):
         live.save_loaded(target, models / "saved.safetensors")
     live.merge_into(target, plan_of(models, recipe(0.4)), OPTS)
     result = live.save_loaded(target, models / "saved.safetensors")
@@ -144,7 +144,7 @@ def test_save_writes_the_loaded_merge_with_its_recipe_and_never_overwrites(model
     assert saved.keys() == reference.keys() and all(torch.equal(saved[k], reference[k]) for k in saved)
     meta = metadata(result.path)
     assert parse_recipe(meta["astolfo_merge_recipe"]).params == {"alpha": 0.4}
-    assert live.recipe_hash(recipe(0.4)) in meta["astolfo_merge_live"]
+    assert live_state.recipe_hash(recipe(0.4)) in meta["astolfo_merge_live"]
     with pytest.raises(OutputExistsError):
         live.save_loaded(target, models / "saved.safetensors")
 
@@ -154,7 +154,7 @@ def test_a_shape_the_model_lacks_stops_before_any_write(models):
     key = "model.diffusion_model.out.2.weight"
     tensors[key] = torch.zeros(3)
     before = {k: v.clone() for k, v in tensors.items()}
-    with pytest.raises(live.LiveError, match="out.2.weight"):
+    with pytest.raises(live_state.LiveError, match="out.2.weight"):
         live.merge_into(target, plan_of(models, recipe(0.3)), OPTS)
     assert all(torch.equal(before[k], tensors[k]) for k in tensors)
 
@@ -185,7 +185,7 @@ def test_lora_backups_neither_undo_nor_double_a_live_merge():
     network_apply_weights(layer, [])
     assert torch.equal(layer.weight, file["w"]) and layer.network_weights_backup is not None
     # 2. a live merge writes the layer: its LoRA state is released first, then the merged values go in
-    assert live.release_network_backups(model, ["layer.weight"]) == 1
+    assert live_webui.release_network_backups(model, ["layer.weight"]) == 1
     with torch.no_grad():
         layer.weight.copy_(merged)
     # 3. the LoRA again: applied once, on top of the merge (not on the stale backup of the file)
@@ -194,7 +194,7 @@ def test_lora_backups_neither_undo_nor_double_a_live_merge():
     # 4. a live merge while the LoRA is applied: the merged values replace the LoRA'd ones; the next
     #    generation with the same LoRA re-applies it (networks.py would otherwise think it is still there)
     merged2 = torch.randn(3, 4)
-    live.release_network_backups(model, ["layer.weight"])
+    live_webui.release_network_backups(model, ["layer.weight"])
     assert torch.equal(layer.weight, merged)               # the LoRA delta was taken out first
     with torch.no_grad():
         layer.weight.copy_(merged2)
@@ -207,7 +207,7 @@ def test_lora_backups_neither_undo_nor_double_a_live_merge():
 def test_unwrapped_names_of_the_webui_text_encoder_hijack():
     names = ["cond_stage_model.wrapped.transformer.text_model.embeddings.token_embedding.wrapped.weight",
              "model.diffusion_model.out.2.weight"]
-    assert live.state_dict_target_keys(names) == {
+    assert live_webui.state_dict_target_keys(names) == {
         names[0]: "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", names[1]: names[1]}
 
 
@@ -216,5 +216,5 @@ def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(model
     tensors, target = loaded_model(models)
     threads = torch.get_num_threads()
     result = live.merge_into(target, plan_of(models, recipe(0.6)), RunOptions(hash_inputs=False, workers=2))
-    assert torch.get_num_threads() == threads and result.keys > 0 and live.PARTIAL not in target.state.merged.values()
+    assert torch.get_num_threads() == threads and result.keys > 0 and live_state.PARTIAL not in target.state.merged.values()
     assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))

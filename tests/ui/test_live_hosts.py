@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from astolfo_merge.core import jobs
-from astolfo_merge.features import live, trials
-from astolfo_merge.features.live_webui import live_label
+from astolfo_merge.errors import AstolfoError
+from astolfo_merge.features import live, live_state, trials
+from astolfo_merge.features.live_webui import live_label, state_dict_target_keys
 from astolfo_merge.ui.live import TO_MODEL
 
 from conftest import load
@@ -31,7 +32,7 @@ def host(request, models, tmp_path, monkeypatch):
 def weights_of(model) -> dict:
     """The model's tensors under checkpoint key names (the hijack's `wrapped` dropped)."""
     held = model.state_dict()
-    return {key: held[name] for name, key in live.state_dict_target_keys(held).items()}
+    return {key: held[name] for name, key in state_dict_target_keys(held).items()}
 
 
 def assert_equals_file(model, path):
@@ -66,14 +67,14 @@ def test_a_tab_merge_into_the_loaded_model_marks_it_and_restores(a1111):
     job = jobs.manager(glue.HOST.key).submit(plan, glue.HOST.run_options(), title="live", runner=glue.HOST.merge_live)
     result = job.wait(60)
     assert result.keys > 0 and job.snapshot().status == jobs.DONE
-    label = f"[Merger] {live.recipe_hash(recipe)[:10]}"
+    label = f"[Merger] {live_state.recipe_hash(recipe)[:10]}"
     assert live_label(model) == label and model.sd_checkpoint_info.name_for_extra == f"sd1-a {label}"
     assert model.sd_checkpoint_info.filename == str(fake.models / LOADED)     # the WebUI still sees its file
     assert not (fake.models / trials.TRIALS_DIR).exists()
     saved = glue.HOST.save_live("live-save.safetensors")
     assert glue.find_checkpoint(saved.path) is not None                    # listed, hash written
     assert fake.hashes["checkpoint/live-save.safetensors"]["sha256"] == saved.sha256
-    with pytest.raises(live.AstolfoError, match="exists"):
+    with pytest.raises(AstolfoError, match="exists"):
         glue.HOST.save_live("live-save.safetensors")
     restored = glue.HOST.restore_live()
     assert restored.restored == result.keys and live_label(model) == ""
@@ -125,7 +126,7 @@ def test_a_live_merge_loaded_before_the_grid_is_back_after_it(a1111):
     glue.HOST.merge_live(trials.live_plan(glue.HOST, mine), glue.HOST.run_options())
     held = {k: v.clone() for k, v in weights_of(model).items()}
     xyz_grid(fake, glue, [0.1, 0.3])
-    assert live_label(model) == f"[Merger] {live.recipe_hash(mine)[:10]}"
+    assert live_label(model) == f"[Merger] {live_state.recipe_hash(mine)[:10]}"
     assert all(torch.equal(held[k], v) for k, v in weights_of(model).items())
 
 
