@@ -13,7 +13,7 @@ import torch
 from ..errors import AstolfoError, Cancelled, OutputExistsError, RecipeError
 from .executors import changed_input, input_stats
 from .pipeline import Pipeline
-from .plan import Plan
+from .plan_data import Plan
 from .ray_executor import require_ray
 from .run_options import MergeResult, Progress, RunOptions, check_outputs, process_count
 

@@ -17,7 +17,7 @@ from ..io.header import FP8_DTYPES, OUTPUT_DTYPES
 from ..io.writer import cast_output, fp8_out_of_range
 from ..methods import get_method
 from .key_inputs import HALF_DTYPES, FileKeyInputs, NonFiniteInput, all_finite
-from .plan import KeyPlan
+from .plan_data import KeyPlan
 from .stream import REWIND, arange_ids, stored_chunks, write_chunks
 
 

@@ -17,7 +17,7 @@ from ..io.header import FP8_DTYPES
 from ..methods import KeyInputs
 from ..methods.registry import add_in_order
 from ..methods.shapes import row_spans
-from .plan import KeyPlan, Plan, key_seed
+from .plan_data import KeyPlan, Plan, key_seed
 from .stage_run import Bindings
 from .workers import ChunkWorkers
 

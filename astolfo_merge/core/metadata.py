@@ -8,7 +8,7 @@ from .. import __version__
 from ..io.hashes import HashCache, legacy_model_hash
 from ..io.strict_json import loads as strict_loads
 from .lineage import TRUNCATED_KEY as LINEAGE_NOTE, bound_lineage
-from .plan import Plan
+from .plan_data import Plan
 from .run_options import RunOptions
 
 

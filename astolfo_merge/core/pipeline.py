@@ -15,7 +15,7 @@ from ..io.writer import SafetensorsWriter
 from .executors import Crew, run_tasks
 from .key_chunks import key_chunks, one_torch_thread
 from .metadata import input_hashes, output_metadata
-from .plan import GIB, Plan
+from .plan_data import GIB, Plan
 from .ray_executor import ray_session, run_on_ray
 from .run_options import MergeResult, Progress, RunOptions, merge_eta, process_count, stage_output
 from .stage_run import Bindings, run_whole_stage

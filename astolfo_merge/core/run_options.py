@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from ..errors import MemoryBudgetError, OutputExistsError, RecipeError, check_memory_gb, check_throttle
 from ..io.hashes import HashCache
 from .executors import WORKER_CHUNK_BYTES, auto_process_count
-from .plan import GIB, OVERHEAD_BYTES, Plan, refuse_input_as_output
+from .plan_data import GIB, OVERHEAD_BYTES, Plan
+from .plan_inputs import refuse_input_as_output
 from .stages import OUTPUT, TEMP
 
 

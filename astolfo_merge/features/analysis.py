@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..core.plan import GIB, load_source
+from ..core.plan_data import GIB
+from ..core.plan_inputs import load_source
 from ..core.stream import row_spans
 from ..errors import ArchitectureError, MemoryBudgetError, OptionError, RecipeError, check_memory_gb
 from ..io import arch as archmod

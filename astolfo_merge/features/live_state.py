@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core.key_chunks import key_chunks
-from ..core.plan import KeyPlan, Plan, load_source
+from ..core.plan_data import KeyPlan, Plan
+from ..core.plan_inputs import load_source
 from ..core.run_options import MergeResult, Progress
 from ..core.stream import REWIND
 from ..errors import AstolfoError, Cancelled

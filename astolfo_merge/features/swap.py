@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from ..core.engine import run_merge
-from ..core.plan import build_plan, load_source, resolve_file
+from ..core.plan import build_plan
+from ..core.plan_inputs import load_source, resolve_file
 from ..core.recipe import OUTPUT_DTYPES, parse_recipe
 from ..core.run_options import RunOptions
 from ..errors import ArchitectureError, RecipeError

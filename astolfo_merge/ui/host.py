@@ -11,7 +11,8 @@ import copy
 import os
 from dataclasses import dataclass
 
-from ..core.plan import Plan, build_plan
+from ..core.plan import build_plan
+from ..core.plan_data import Plan
 from ..core.recipe import Recipe
 from ..core.run_options import MergeResult, RunOptions
 from ..errors import AstolfoError, RecipeError

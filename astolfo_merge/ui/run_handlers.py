@@ -11,7 +11,7 @@ import os
 import gradio as gr
 
 from ..core import jobs
-from ..core.plan import GIB
+from ..core.plan_data import GIB
 from ..errors import AstolfoError, MemoryBudgetError, OutputExistsError
 from ..io.paths import confine_recipe
 from .catalog import format_size

@@ -1,6 +1,6 @@
-"""The plan as plain data (plan.py, stages.py): no closures, the same plan from the same recipe and
-folder, the pipeline of stages a recipe declares, and no import cycle among the modules that build
-and run it (tools/import_cycles.py)."""
+"""The plan as plain data (plan_data.py, plan.py, stages.py): no closures, the same plan from the
+same recipe and folder, the pipeline of stages a recipe declares, and no import cycle among the
+modules that build and run it (tools/import_cycles.py)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,8 @@ import types
 import pytest
 import torch
 
-from astolfo_merge.core.plan import build_plan, key_seed
+from astolfo_merge.core.plan import build_plan
+from astolfo_merge.core.plan_data import key_seed
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.core.stages import FERMAT_A, FERMAT_MATCH, LORAS, OUTPUT, TEMP, Step, prepare_result
 from astolfo_merge.features.lora_synth import write_synthetic_lora

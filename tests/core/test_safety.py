@@ -362,7 +362,7 @@ def test_a_large_copied_key_stays_within_the_memory_budget(tmp_path):
         from astolfo_merge.io.header import read_header
         from astolfo_merge.core.engine import run_merge
         from astolfo_merge.core.run_options import RunOptions
-        from astolfo_merge.core.plan import KeyPlan, Plan, Source
+        from astolfo_merge.core.plan_data import KeyPlan, Plan, Source
         from astolfo_merge.core.recipe import parse_recipe
         header = read_header({str(tmp_path / "big.safetensors")!r})
         source = Source("big.safetensors", header.path, header, arch.Identity("sd1"), {{"big": "big"}})

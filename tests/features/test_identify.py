@@ -290,7 +290,7 @@ def test_inspect_json_lists_the_report_fields(models, capsys):
     assert report["repair_plan"].startswith("add TE0 position_ids")
 
 
-# --- merge input checks (plan._check_compatible) ---------------------------------------------------
+# --- merge input checks (plan_inputs.check_compatible) --------------------------------------------
 
 def test_sd1_and_sdxl_in_one_pool_are_refused_before_any_work(models):
     recipe = parse_recipe({"pool": ["sd1-a.safetensors", "sdxl-a.safetensors"], "method": "n_average"})

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from astolfo_merge.core.key_inputs import FileKeyInputs
-from astolfo_merge.core.plan import key_seed
+from astolfo_merge.core.plan_data import key_seed
 from astolfo_merge.core.recipe import parse_recipe
 from astolfo_merge.errors import CheckpointError, MergeKeyError, RecipeError
 from astolfo_merge.features.analysis import analyze
