@@ -32,7 +32,8 @@ from astolfo_merge.io import arch as archmod  # noqa: E402
 from astolfo_merge.io.reader import CheckpointReader  # noqa: E402
 from astolfo_merge.io.writer import SafetensorsWriter  # noqa: E402
 from astolfo_merge.methods.rebasin.matching import inverse, weight_matching  # noqa: E402
-from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
+from astolfo_merge.methods.rebasin.permutation import permute  # noqa: E402
+from astolfo_merge.methods.rebasin.spec import build_spec  # noqa: E402
 
 
 def write_unet(path, arch, scale, variant, perms=None):

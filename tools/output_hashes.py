@@ -32,7 +32,8 @@ from astolfo_merge.features.repair import repair_file  # noqa: E402
 from astolfo_merge.features.swap import swap  # noqa: E402
 from astolfo_merge.io.writer import save_file  # noqa: E402
 from astolfo_merge.methods import METHODS, TensorInputs  # noqa: E402
-from astolfo_merge.methods.rebasin.spec import build_spec, permute  # noqa: E402
+from astolfo_merge.methods.rebasin.permutation import permute  # noqa: E402
+from astolfo_merge.methods.rebasin.spec import build_spec  # noqa: E402
 
 SCALE = 64
 SD1 = {"sd1-base": None, "sd1-a": 1, "sd1-b": 2, "sd1-c": 3}

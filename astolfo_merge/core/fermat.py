@@ -30,7 +30,8 @@ import os
 from ..errors import RecipeError
 from ..io import arch as archmod
 from ..methods.rebasin.matching import weight_matching
-from ..methods.rebasin.spec import apply_index, build_spec
+from ..methods.rebasin.permutation import apply_index
+from ..methods.rebasin.spec import build_spec
 from .stages import FERMAT_A, FERMAT_MATCH, TEMP, Stage, Step, fermat_options
 
 

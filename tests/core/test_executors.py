@@ -30,7 +30,8 @@ from astolfo_merge.errors import Cancelled, CheckpointError, MemoryBudgetError, 
 from astolfo_merge.features.lora_synth import write_synthetic_lora
 from astolfo_merge.io.tempfiles import partial_path
 from astolfo_merge.io.writer import save_file
-from astolfo_merge.methods.rebasin.spec import build_spec, permute
+from astolfo_merge.methods.rebasin.permutation import permute
+from astolfo_merge.methods.rebasin.spec import build_spec
 
 from conftest import ROOT, TEST_SCALE, cli, load, run_recipe
 
@@ -242,7 +243,8 @@ import os, sys, torch
 from astolfo_merge.core import jobs
 from astolfo_merge.core.run_options import RunOptions
 from astolfo_merge.core.plan import build_plan
-from astolfo_merge.methods.rebasin.spec import build_spec, permute
+from astolfo_merge.methods.rebasin.permutation import permute
+from astolfo_merge.methods.rebasin.spec import build_spec
 from astolfo_merge.core.recipe import parse_recipe
 folder, victim = sys.argv[1], sys.argv[2]
 torch.set_num_threads(3)

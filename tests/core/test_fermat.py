@@ -16,7 +16,8 @@ from astolfo_merge.errors import Cancelled, RecipeError
 from astolfo_merge.io import arch as archmod
 from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods.rebasin.matching import weight_matching
-from astolfo_merge.methods.rebasin.spec import build_spec, permute
+from astolfo_merge.methods.rebasin.permutation import permute
+from astolfo_merge.methods.rebasin.spec import build_spec
 
 from conftest import TEST_SCALE, load, run_recipe
 

@@ -12,7 +12,8 @@ import torch
 
 from astolfo_merge.errors import Cancelled
 from astolfo_merge.methods.rebasin.matching import cost_matrices, inverse, unit_products, weight_matching
-from astolfo_merge.methods.rebasin.spec import build_spec, permute
+from astolfo_merge.methods.rebasin.permutation import permute
+from astolfo_merge.methods.rebasin.spec import build_spec
 
 from ldm_forward import random_unet
 

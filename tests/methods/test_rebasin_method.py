@@ -12,7 +12,8 @@ from astolfo_merge.errors import Cancelled
 from astolfo_merge.io import arch as archmod
 from astolfo_merge.io.writer import save_file
 from astolfo_merge.methods import TensorInputs, get_method
-from astolfo_merge.methods.rebasin.spec import attention_heads, build_spec, groupnorm_groups, permute
+from astolfo_merge.methods.rebasin.permutation import permute
+from astolfo_merge.methods.rebasin.spec import attention_heads, build_spec, groupnorm_groups
 
 from conftest import TEST_SCALE, load, run_recipe
 from ldm_forward import LDMUNet, sample_inputs

@@ -16,14 +16,13 @@ import pytest
 
 from astolfo_merge.io import arch as archmod
 from astolfo_merge.methods.rebasin.assignment import best_permutation, score
+from astolfo_merge.methods.rebasin.permutation import _sample, permute
 from astolfo_merge.methods.rebasin.spec import (
     UNET,
     _heads_tree,
-    _sample,
     attention_heads,
     build_spec,
     groupnorm_groups,
-    permute,
     structure,
 )
 

@@ -2,7 +2,7 @@
 
 Weight matching asks, for one variable, for the permutation σ maximising ⟨C, σ⟩ where
 C[i, j] = ⟨A's unit i, B's unit j⟩. Unconstrained, that is one linear assignment problem (LAP,
-`scipy.optimize.linear_sum_assignment(maximize=True)`). A spec tree (spec.Node) restricts σ to
+`scipy.optimize.linear_sum_assignment(maximize=True)`). A spec tree (permutation.Node) restricts σ to
 exchanging whole blocks (GroupNorm groups, attention heads) and shuffling inside them; because the
 objective is a sum over blocks, the optimum decomposes exactly: the value of sending block a onto
 block b is the optimum inside the pair (recursively), and the block order is one small LAP over
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .spec import Node
+from .permutation import Node
 
 
 def _solve(scores):

@@ -29,7 +29,7 @@ import torch
 
 from ...errors import Cancelled
 from .assignment import best_permutation, score
-from .spec import PermutationSpec, apply_index, axis_index
+from .permutation import PermutationSpec, apply_index, axis_index
 
 RELATIVE_TOLERANCE = 1e-12     # a gain below this fraction of the score is rounding, not progress
 CHUNK_ELEMENTS = 1 << 22       # columns per product: ≤ 32 MB of fp64 per operand chunk

@@ -16,7 +16,8 @@ import torch
 from ..registry import Method, Param, register
 from ..shapes import elementwise, spans
 from .matching import weight_matching
-from .spec import PermutationSpec, apply_index, build_spec
+from .permutation import PermutationSpec, apply_index
+from .spec import build_spec
 
 ALPHA_HELP = ("weight of the re-based B: 0 gives A, 1 gives π(B) (B renumbered, the same function as B); "
               "block weights override it per block")
