@@ -14,7 +14,8 @@ import dataclasses
 
 import torch
 
-from .executors import Crew, TaskRun, WorkerError
+from .executors import TaskRun
+from .worker_process import Crew, WorkerError
 
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                                       torch.float8_e4m3fn, torch.float8_e5m2, torch.int64, torch.int32)}

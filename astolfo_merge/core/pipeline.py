@@ -12,7 +12,7 @@ import time
 from ..io.hashes import HashCache
 from ..io.reader import CheckpointReader, ensure_open_files
 from ..io.writer import SafetensorsWriter
-from .executors import Crew, run_tasks
+from .executors import run_tasks
 from .key_chunks import key_chunks, one_torch_thread
 from .metadata import input_hashes, output_metadata
 from .plan_data import GIB, Plan
@@ -21,6 +21,7 @@ from .run_options import MergeResult, Progress, RunOptions, merge_eta, process_c
 from .stage_run import Bindings, run_whole_stage
 from .stages import OUTPUT, TEMP
 from .stream import write_file
+from .worker_process import Crew
 from .workers import ChunkWorkers, auto_workers
 
 

@@ -25,8 +25,9 @@ import traceback
 
 from ..errors import AstolfoError, Cancelled, OptionError
 from ..io.writer import SafetensorsWriter
-from .executors import WORKER_MODULE, OrderedHasher, WorkerError, pack_error, unpack_error, usable_cores
+from .executors import OrderedHasher
 from .tasks import cut_tasks
+from .worker_process import WORKER_MODULE, WorkerError, pack_error, unpack_error, usable_cores
 
 RAY_MISSING = "Ray is not installed (needed for --ray): pip install ray==2.60.0"
 LOCAL = ("", "local")

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from ..errors import MemoryBudgetError, OutputExistsError, RecipeError, check_memory_gb, check_throttle
 from ..io.hashes import HashCache
-from .executors import WORKER_CHUNK_BYTES, auto_process_count
 from .plan_data import GIB, OVERHEAD_BYTES, Plan
 from .plan_inputs import refuse_input_as_output
 from .stages import OUTPUT, TEMP
+from .worker_process import WORKER_CHUNK_BYTES, auto_process_count
 
 
 @dataclass
@@ -24,7 +24,7 @@ class RunOptions:
     hash_inputs: bool = True
     hash_cache: HashCache | None = None
     chunk_bytes: int | None = None   # override the per-key chunk budget (tests, benchmarks)
-    workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (executors.py)
+    workers: int = 1                 # 1 = in this process; N > 1 = N worker processes; 0 = auto (worker_process.py)
     isolate: bool | None = None      # True: worker processes even for one worker, so a dying merge spares the
                                      # host (None: background jobs isolate, direct calls do not)
     throttle: float = 0.0            # seconds to pause after each key, in every worker: a merge that leaves a

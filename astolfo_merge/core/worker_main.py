@@ -1,6 +1,6 @@
 """A merge worker process: `python -m astolfo_merge.core.worker_main`, driven over stdin / stdout.
 
-Started fresh by `executors.WorkerProcess` (never forked from the host). Receives the plan (data),
+Started fresh by `worker_process.WorkerProcess` (never forked from the host). Receives the plan (data),
 the results of its whole-plan stages (data: prepared method state, the LoRA files to bake, the
 Fermat temp file and matching) and the output's byte ranges once ("setup"), then tasks (runs of key
 indices); for each key it reports "started" and "key" (with the key's log lines), for each task
@@ -17,9 +17,9 @@ import torch
 
 from ..io.reader import CheckpointReader
 from ..io.writer import RangeWriter
-from .executors import pack_error, read_frame, send_frame
 from .key_chunks import write_key
 from .stage_run import Bindings
+from .worker_process import pack_error, read_frame, send_frame
 
 
 class ChunkSender:

@@ -28,13 +28,13 @@ from typing import Callable
 
 import torch
 
-from ..core.executors import WORKER_CHUNK_BYTES, Crew, auto_process_count
 from ..core.key_chunks import one_torch_thread
 from ..core.live_workers import ChunkRun, sub_plan
 from ..core.metadata import output_metadata
 from ..core.plan_data import GIB, Plan
 from ..core.run_options import MergeResult, Progress, RunOptions
 from ..core.stage_run import Bindings, run_whole_stage
+from ..core.worker_process import WORKER_CHUNK_BYTES, Crew, auto_process_count
 from ..core.workers import ChunkWorkers
 from ..errors import Cancelled, RecipeError
 from ..io.hashes import HashCache

@@ -1,4 +1,4 @@
-"""Executors (executors.py, worker_main.py, tasks.py): the same bytes in this process and in N
+"""Executors (executors.py, worker_process.py, worker_main.py, tasks.py): the same bytes in this process and in N
 worker processes; a killed worker, a shrinking input or a cancel leave nothing behind and the
 parent alive; a merge leaves the host's torch settings as they were."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ import threading
 import pytest
 import torch
 
-from astolfo_merge.core import executors
+from astolfo_merge.core import worker_process
 from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
@@ -56,12 +56,12 @@ def spawned(monkeypatch):
     """The worker processes started during the test, in start order."""
     started = []
 
-    class Recorded(executors.WorkerProcess):
+    class Recorded(worker_process.WorkerProcess):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
             started.append(self)
 
-    monkeypatch.setattr(executors, "WorkerProcess", Recorded)
+    monkeypatch.setattr(worker_process, "WorkerProcess", Recorded)
     return started
 
 
@@ -191,10 +191,10 @@ def test_nan_inputs_fail_or_are_skipped_alike_in_process_and_in_workers(models, 
 
 
 def test_user_errors_cross_the_pipe_with_their_class_and_fields():
-    sent = executors.pack_error(CheckpointError("/m/a.safetensors", "truncated"))
-    back = executors.unpack_error(pickle.loads(pickle.dumps(sent)))
+    sent = worker_process.pack_error(CheckpointError("/m/a.safetensors", "truncated"))
+    back = worker_process.unpack_error(pickle.loads(pickle.dumps(sent)))
     assert type(back) is CheckpointError and back.path == "/m/a.safetensors" and str(back) == "/m/a.safetensors: truncated"
-    internal = executors.unpack_error(executors.pack_error(ZeroDivisionError("boom")))
+    internal = worker_process.unpack_error(worker_process.pack_error(ZeroDivisionError("boom")))
     assert isinstance(internal, RuntimeError) and "ZeroDivisionError: boom" in str(internal)
 
 
@@ -213,7 +213,7 @@ def _after_keys(n, action):
 @pytest.mark.slow
 def test_a_killed_worker_fails_the_merge_with_its_cause_and_leaves_nothing(models, tmp_path, spawned):
     kill = _after_keys(10, lambda: os.kill(spawned[0].proc.pid, signal.SIGKILL))
-    with pytest.raises(executors.WorkerError, match=r"merge worker 1 of 2 killed by SIGKILL.*no output was written"):
+    with pytest.raises(worker_process.WorkerError, match=r"merge worker 1 of 2 killed by SIGKILL.*no output was written"):
         merge(models, {"pool": POOL, "method": "n_average"}, tmp_path / "out", workers=2, progress=kill, throttle=SLOW)
     assert leftovers(tmp_path / "out") == []
     assert all(w.proc.returncode is not None for w in spawned)

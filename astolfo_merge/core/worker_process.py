@@ -1,0 +1,188 @@
+"""Worker interpreters as the parent sees them: how many to start, starting them (`WorkerProcess`,
+`Crew`), and the wire both sides speak (length-prefixed pickles over stdin / stdout, errors as
+plain data). What they run and how the parent supervises a merge is in executors.py.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+
+from ..errors import AstolfoError
+
+WORKER_MODULE = "astolfo_merge.core.worker_main"
+WORKER_CHUNK_BYTES = 64 << 20       # the smallest chunk budget a worker is planned with
+AUTO_MIN_OUTPUT_BYTES = 64 << 20    # auto: smaller merges run in-process (starting a worker costs ~1 s)
+
+
+class WorkerError(AstolfoError):
+    """A worker process died or failed outside any key: names the cause."""
+
+
+def auto_process_count(memory_bytes: int, output_bytes: int, per_worker_bytes: int) -> int:
+    """Workers for `--workers 0`: one per usable core, as many as the budget gives each what it
+    needs (`per_worker_bytes`: interpreter + a chunk budget + the plan's largest workspace); 1
+    (in-process) for merges too small to pay for starting interpreters."""
+    if output_bytes < AUTO_MIN_OUTPUT_BYTES:
+        return 1
+    return max(1, min(usable_cores(), memory_bytes // max(1, per_worker_bytes)))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # macOS, Windows
+        return os.cpu_count() or 1
+
+
+# -- the wire: length-prefixed pickles over the worker's stdin / stdout ---------------------------
+def frame(obj) -> bytes:
+    """`obj` pickled with its length in front. Pickle in the thread that owns `obj`: a pickler walks
+    an object's attribute dict by borrowed reference, so pickling on another thread while this one
+    runs on crashed the interpreter (a use-after-free in CPython 3.11's garbage collector)."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return struct.pack("<Q", len(data)) + data
+
+
+def send_frame(stream, obj):
+    stream.write(frame(obj))
+    stream.flush()
+
+
+def read_frame(stream):
+    """The next object, or None at end of stream."""
+    head = stream.read(8)
+    if len(head) < 8:
+        return None
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+def pack_error(exc: BaseException) -> tuple:
+    """An exception as plain data (user errors keep their class and fields; their constructors take
+    other arguments than `args`, so they do not survive a plain pickle round trip)."""
+    if isinstance(exc, AstolfoError):
+        cls = type(exc)
+        return ("astolfo", cls.__module__, cls.__qualname__, str(exc), dict(exc.__dict__))
+    return ("internal", type(exc).__name__, str(exc))
+
+
+def unpack_error(packed: tuple, trace: str = "") -> BaseException:
+    if packed[0] == "astolfo":
+        _, module, name, message, fields = packed
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, AstolfoError):
+            exc = cls.__new__(cls)
+            exc.args = (message,)
+            exc.__dict__.update(fields)
+            return exc
+        return AstolfoError(message)
+    return RuntimeError(f"merge worker failed: {packed[1]}: {packed[2]}" + (f"\n{trace}" if trace else ""))
+
+
+# -- workers ---------------------------------------------------------------------------------------
+class WorkerProcess:
+    """One worker interpreter: its pipes, the tail of its stderr, and the task it is running."""
+
+    def __init__(self, index: int, inbox: queue.Queue):
+        self.index, self.task, self.key, self.stopping = index, None, None, False
+        self.stderr_tail = collections.deque(maxlen=20)
+        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
+        self._outbox: queue.Queue = queue.Queue()
+        for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"), (self._feed, (), "-in")):
+            threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}").start()
+
+    def send(self, obj):
+        """Queue a message: the pipe takes it while the worker may still be importing torch, so the
+        parent never blocks on a worker (a dead one is reported by its reader). Pickled here, on the
+        caller's thread (see `frame`); the feeding thread only writes bytes."""
+        self.send_frame(frame(obj))
+
+    def send_frame(self, data: bytes):
+        """Queue an already framed message (one pickle of the plan serves every worker)."""
+        self._outbox.put(data)
+
+    def _feed(self):
+        while (data := self._outbox.get()) is not None:
+            try:
+                self.proc.stdin.write(data)
+                self.proc.stdin.flush()
+            except (OSError, ValueError):
+                return
+
+    def _pump(self, inbox):
+        try:
+            while (msg := read_frame(self.proc.stdout)) is not None:
+                inbox.put((self, msg))
+        except Exception as exc:  # noqa: BLE001 - a garbled stream is a dead worker
+            self.stderr_tail.append(f"unreadable message: {exc}")
+        inbox.put((self, ("exit",)))
+
+    def _drain_stderr(self):
+        for line in iter(self.proc.stderr.readline, b""):
+            self.stderr_tail.append(line.decode("utf-8", "replace").rstrip())
+
+    def kill(self):
+        self._outbox.put(None)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def exit_cause(self) -> str:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+
+def worker_env() -> dict:
+    """The host's environment, this package importable (first, and not shadowed by the working
+    folder: PYTHONSAFEPATH, Python 3.11+), torch on one thread per worker."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONSAFEPATH"] = "1"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = "1"
+    return env
+
+
+class Crew:
+    """Worker processes started as early as possible (a fresh interpreter needs a second or more to
+    import torch: meanwhile the parent hashes inputs and prepares). Closing kills what is left."""
+
+    def __init__(self, count: int):
+        self.inbox: queue.Queue = queue.Queue()
+        self.workers = [WorkerProcess(i, self.inbox) for i in range(count)]
+
+    def close(self):
+        for w in self.workers:
+            w.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
