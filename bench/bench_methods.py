@@ -6,8 +6,9 @@ print the pairs in common.PAIRS (Ray / 2 workers among them).
 
     .venv/bin/python bench/bench_methods.py [--dir /tmp/astolfo-bench] [--sizes 4,8] [--scale 1]
         [--methods ties,model_stock,geometric_median] [--contenders ours,ours2w,oursray,mecha] [--memory-gb 1.5]
+        [--arch sd1|sdxl] [--repeats 3]
 
-Prints wall time and peak private memory (RssAnon, read from /proc/<pid>/status of the child) per
+Prints wall time (the median of --repeats runs, each run's time beside it) and peak private memory (RssAnon, read from /proc/<pid>/status of the child) per
 contender, the ratios mecha/ours, and the time to read the inputs once (`cat` to /dev/null). Inputs
 (base + seeded deltas, astolfo_merge.features.demo.write_synthetic) are generated once into --dir and shared
 with bench_merge.py; `--scale 16` makes a quick smoke run. Both contenders compute in fp64.
@@ -16,7 +17,7 @@ import argparse
 import os
 import sys
 
-from common import gib, make_inputs, print_ratios, run_measured, same_bytes, save_results, table, warm
+from common import gib, make_inputs, median_run, print_ratios, run_measured, same_bytes, save_results, table, warm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PARAMS = {"ties": '{"k": 0.2}', "model_stock": "{}", "geometric_median": "{}"}
@@ -54,12 +55,14 @@ def main():
     ap.add_argument("--methods", default="ties,model_stock,geometric_median")
     ap.add_argument("--contenders", default="ours,ours2w,oursray,mecha")
     ap.add_argument("--memory-gb", type=float, default=1.5)
+    ap.add_argument("--arch", default="sd1", choices=["sd1", "sdxl"])
+    ap.add_argument("--repeats", type=int, default=1, help="runs per contender; the median is reported")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     methods = args.methods.split(",")
     who_all = args.contenders.split(",")
-    print(f"generating inputs in {args.dir} (SD1 at 1/{args.scale}) ...", flush=True)
-    paths = make_inputs(args.dir, max(sizes), "sd1", args.scale)
+    print(f"generating inputs in {args.dir} ({args.arch} at 1/{args.scale}) ...", flush=True)
+    paths = make_inputs(args.dir, max(sizes), args.arch, args.scale)
     base, fine_tunes = paths[0], paths[1:]
     rows, results = [], {}
     for n in sizes:
@@ -72,7 +75,7 @@ def main():
         for method in methods:
             got = {}
             for who in who_all:
-                r = contender(who, method, inputs, base, args.dir, args.memory_gb)
+                r = median_run(lambda: contender(who, method, inputs, base, args.dir, args.memory_gb), args.repeats)
                 if r["rc"] != 0:
                     print(f"{who} {method} N={n} failed:\n{r['tail']}", flush=True)
                     continue
@@ -80,7 +83,8 @@ def main():
                 results[f"{who}-{method}-{n}"] = {**r, "read_once": read}
             for who, r in got.items():
                 row = {"method": method, "N": n, "contender": who, "wall s": f"{r['wall']:.1f}",
-                       "RssAnon GiB": gib(r["peak_RssAnon"]), "x ours time": "", "x ours RssAnon": ""}
+                       "RssAnon GiB": gib(r["peak_RssAnon"]), "x ours time": "", "x ours RssAnon": "",
+                       "runs s": " ".join(f"{w:.1f}" for w in r["walls"])}
                 if who != "ours" and "ours" in got:
                     row["x ours time"] = f"{r['wall'] / got['ours']['wall']:.2f}x"
                     row["x ours RssAnon"] = f"{r['peak_RssAnon'] / max(1, got['ours']['peak_RssAnon']):.2f}x"
@@ -89,7 +93,7 @@ def main():
             print_ratios(results, f"-{method}-{n}", f"{method} N={n}")
             same_bytes(results, f"-{method}-{n}", f"{method} N={n}")
     print()
-    print(table(rows, ["method", "N", "contender", "wall s", "RssAnon GiB", "x ours time", "x ours RssAnon"]))
+    print(table(rows, ["method", "N", "contender", "wall s", "RssAnon GiB", "x ours time", "x ours RssAnon", "runs s"]))
     save_results(f"bench_methods-s{args.scale}", results)
 
 

@@ -91,6 +91,19 @@ def run_measured(cmd, env=None, timeout=3600, discard_stdout=False) -> dict:
     return {"wall": wall, "rc": proc.returncode, **{f"peak_{k}": v for k, v in peak.items()}, "tail": "".join(out)[-2000:]}
 
 
+def median_run(run, repeats: int) -> dict:
+    """`run()` (a run_measured result) `repeats` times: the run of median wall time, with every
+    run's wall time in "walls" and the largest peak of each memory figure (the machines are noisy:
+    compare medians taken in one run)."""
+    runs = [run() for _ in range(max(1, repeats))]
+    ok = [r for r in runs if r.get("rc", 0) == 0] or runs
+    median = dict(sorted(ok, key=lambda r: r["wall"])[(len(ok) - 1) // 2])
+    median["walls"] = [round(r["wall"], 2) for r in runs]
+    for key in [k for k in median if k.startswith("peak_")]:
+        median[key] = max(r[key] for r in ok)
+    return median
+
+
 def drop_page_cache_hint(paths):
     """Cold-cache runs need root: posix_fadvise DONTNEED on the inputs (best effort)."""
     for p in paths:
@@ -134,7 +147,7 @@ def table(rows, columns):
 
 # (reference, contender) pairs whose ratios the scripts print: worker processes against one, Ray
 # against worker processes, the peers against ours.
-PAIRS = (("ours", "ours2w"), ("ours", "oursauto"), ("ours2w", "oursray"), ("ours32", "ours2w32"),
+PAIRS = (("ours", "ours2w"), ("ours", "oursauto"), ("ours", "ourscuda"), ("ours32", "ourscuda32"), ("ours2w", "oursray"), ("ours32", "ours2w32"),
          ("ours32", "oursauto32"), ("ours2w32", "oursray32"), ("ours", "mecha"), ("ours", "naive"))
 
 

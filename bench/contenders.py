@@ -1,13 +1,14 @@
 """One merge per process, so each contender's memory is measured alone.
 
-usage: python bench/contenders.py (ours|ours2t|ours2w|oursauto|oursray[32]|mecha|naive) METHOD OUT IN... [--base B]
+usage: python bench/contenders.py (ours|ours2t|ours2w|oursauto|oursray|ourscuda|ourscudaw[32]|mecha|naive) METHOD OUT IN... [--base B]
        [--memory-gb X] [--params JSON]
 
 ours = 1 worker (in-process, the library default); ours2t = 2 chunk threads; ours2w = 2 worker
 processes (`--workers 2`); oursauto = the CLI's default `--workers 0` (as many worker processes as
 cores and the budget allow); oursray = a local Ray with 2 CPUs started for the merge (`--ray`:
-Ray's start-up and shutdown are inside the time, its processes inside the memory); a trailing 32 =
-fp32 arithmetic (ours32, ours2w32, ...).
+Ray's start-up and shutdown are inside the time, its processes inside the memory); ourscuda = on
+the GPU (`--device cuda`) in-process, ourscudaw = worker processes spread over the GPUs; a trailing
+32 = fp32 arithmetic (ours32, ours2w32, ourscuda32, ...).
 """
 import json
 import os
@@ -17,7 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail"):
+def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, workers=1, ray=None, nonfinite="fail",
+         device="cpu"):
     from astolfo_merge.core.engine import run_merge
     from astolfo_merge.core.plan import build_plan
     from astolfo_merge.core.recipe import parse_recipe
@@ -28,7 +30,7 @@ def ours(method, out, inputs, base, memory_gb, params, precision, threads=0, wor
         doc["base"] = base
     plan = build_plan(parse_recipe(doc), None, out)
     return run_merge(plan, RunOptions(memory_gb=memory_gb, overwrite=True, hash_inputs=False, threads=threads,
-                                   workers=workers, ray=ray))
+                                   workers=workers, ray=ray, device=device))
 
 
 def mecha(method, out, inputs, base, memory_gb, params, precision, nonfinite="keep"):
@@ -99,6 +101,11 @@ if __name__ == "__main__":
         who, extra = "ours", {"workers": 0}
     if who == "oursray":    # a local Ray (this machine's 2 CPUs), started and stopped by the merge
         who, extra = "ours", {"ray": "local"}
+    if who == "ourscuda":   # on the GPU (`--device cuda`), in this process
+        who, extra = "ours", {"device": "cuda"}
+    if who == "ourscudaw":  # on the GPUs, one worker process per GPU
+        import torch
+        who, extra = "ours", {"device": "cuda", "workers": max(2, torch.cuda.device_count())}
     result = {"ours": ours, "mecha": mecha, "naive": naive}[who](method, out, rest, base, memory_gb, params, precision,
                                                                   nonfinite=nonfinite, **extra)
     sha = f", sha256 {result.sha256}" if result is not None else ""   # the bench compares ours' bytes across executors

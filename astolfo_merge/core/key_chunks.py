@@ -6,7 +6,6 @@ their range writers (`write_key`), live merges into a loaded model's tensors.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
@@ -19,20 +18,6 @@ from ..methods import get_method
 from .key_inputs import HALF_DTYPES, FileKeyInputs, NonFiniteInput, all_finite
 from .plan_data import KeyPlan
 from .stream import REWIND, arange_ids, stored_chunks, write_chunks
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Torch on one thread while a merge runs here, restored afterwards (a host such as the WebUI
-    keeps its own setting). Why one: parallelism is across chunks (ChunkWorkers) or processes;
-    streaming chunks are too small for torch's thread team to pay off, and on a busy machine every
-    parallel op waits for a descheduled team member (measured: 10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def write_key(plan, kp, writer, readers, dtype, device, chunk_bytes, log, cancel, bound, pool=None):

@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import threading
 
-import numpy as np
 import torch
 
 from ..io.header import FP8_DTYPES
 from ..methods import KeyInputs
 from ..methods.registry import add_in_order
 from ..methods.shapes import row_spans
+from .devices import host_buffer
 from .plan_data import KeyPlan, Plan, key_seed
 from .stage_run import Bindings
 from .workers import ChunkWorkers
@@ -77,7 +77,7 @@ class FileKeyInputs(KeyInputs):
         """This thread's reusable buffers: raw bytes, and an fp32 staging area for half → fp64 reads."""
         local = self._local
         if getattr(local, "raw", None) is None or len(local.raw) < nbytes:
-            local.raw = np.empty(nbytes, dtype=np.uint8)
+            local.raw = host_buffer(nbytes, self.device)    # page-locked when bound for a GPU
         return local.raw, self._buffer("wide", numel, torch.float32)
 
     def _buffer(self, name, numel, dtype):

@@ -12,8 +12,9 @@ import time
 from ..io.hashes import HashCache
 from ..io.reader import CheckpointReader, ensure_open_files
 from ..io.writer import SafetensorsWriter
+from .devices import fp64_note, merge_torch_settings
 from .executors import run_tasks
-from .key_chunks import key_chunks, one_torch_thread
+from .key_chunks import key_chunks
 from .metadata import input_hashes, output_metadata
 from .plan_data import GIB, Plan
 from .ray_executor import ray_session, run_on_ray
@@ -33,6 +34,9 @@ class Pipeline:
         self.plan, self.options, self.progress, self.cancel, self.device = plan, options, progress, cancel, device
         self.dtype = plan.compute_dtype
         self.log, self.results, self.temps = list(plan.log), {}, []
+        note = fp64_note(options.device, self.dtype)
+        if note:
+            self.log.append(note)
         self.bound = Bindings(plan, self.results)
         self.start = time.monotonic()
         self.readers, self.pool = [], None
@@ -48,7 +52,7 @@ class Pipeline:
         result = None
         for stage in self.plan.pipeline():
             if stage.kind != "keys":
-                with one_torch_thread():    # the same arithmetic whichever executor runs the keys
+                with merge_torch_settings(self.device):    # the same arithmetic whichever executor runs the keys
                     found = run_whole_stage(stage, self.plan, self.readers, self.bound, self.log,
                                             self._reporter(stage.label), self.cancel)
                 self.results[stage.result or stage.name] = found
@@ -101,7 +105,7 @@ class Pipeline:
                          "chunk_bytes": max(16 << 20, self.chunk_bytes // len(crew.workers)), "throttle": options.throttle}
                 sha = _run_in_workers(sub, crew, setup, meta, options, tally, self.cancel, self.log)
             else:
-                with one_torch_thread():
+                with merge_torch_settings(self.device):
                     sha = _run_here(sub, self.readers, self.dtype, self.device, self.chunk_bytes, self.log, self.cancel,
                                     self.bound, self.pool, meta, options, tally)
         finally:

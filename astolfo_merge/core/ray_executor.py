@@ -25,6 +25,7 @@ import traceback
 
 from ..errors import AstolfoError, Cancelled, OptionError
 from ..io.writer import SafetensorsWriter
+from .devices import task_resources
 from .executors import OrderedHasher
 from .tasks import cut_tasks
 from .worker_process import WORKER_MODULE, WorkerError, pack_error, unpack_error, usable_cores
@@ -186,7 +187,7 @@ def ray_task(setup, tmp, ranges, dtypes, first, stop):
     by module as worker processes are started, then a summary. Errors come back as data."""
     import torch
     worker = importlib.import_module(WORKER_MODULE)
-    torch.set_num_threads(1)
+    worker.worker_torch_settings()     # the same torch as a worker process: one thread, no TF32
     logs = {}
     try:
         with torch.no_grad():
@@ -202,7 +203,7 @@ def run_on_ray(ray, plan, writer: SafetensorsWriter, setup: dict, on_key, cancel
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     setup = dict(setup, chunk_bytes=max(16 << 20, setup["chunk_bytes"] // cpus))
     shared = ray.put(setup)        # the plan and prepared state: once, not per task
-    remote = ray.remote(num_cpus=1, max_retries=0)(ray_task)
+    remote = ray.remote(**task_resources(setup["device"]), max_retries=0)(ray_task)
     ranges, dtypes = writer.ranges(), {k: d for k, d, _s in writer.entries}
     pending = {}
     for task in cut_tasks(plan.keys, cpus):

@@ -17,9 +17,11 @@ import torch
 
 from ..io.reader import CheckpointReader
 from ..io.writer import RangeWriter
+from .devices import worker_device, worker_torch_settings
 from .key_chunks import write_key
 from .stage_run import Bindings
 from .worker_process import pack_error, read_frame, send_frame
+from .workers import ChunkWorkers, auto_workers
 
 
 class ChunkSender:
@@ -56,23 +58,25 @@ class ChunkSender:
 
 
 def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop: int, started=None, finished=None,
-             sender=None):
+             sender=None, device: str | None = None):
     """The per-task code every executor shares (worker processes, Ray): keys plan.keys[first:stop],
     read from the inputs' paths and written with positioned writes into `ranges` of the temp output
     `tmp` — or, given a `sender` (ChunkSender: live merges), sent back to the parent instead.
-    `started(index)` / `finished(index, log_lines)` are called around each key."""
+    `started(index)` / `finished(index, log_lines)` are called around each key. `device`: this
+    worker's own (devices.worker_device), else the merge's."""
     plan, bound = setup["plan"], Bindings(setup["plan"], setup["results"])
-    dtype, device, chunk_bytes = setup["dtype"], torch.device(setup["device"]), setup["chunk_bytes"]
+    dtype, chunk_bytes = setup["dtype"], setup["chunk_bytes"]
+    device = torch.device(device or setup["device"])
     throttle = setup.get("throttle", 0.0)
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
-    writer = None
+    pool, writer = ChunkWorkers(auto_workers(device.type)), None
     try:
         writer = sender if sender is not None else RangeWriter(tmp, ranges, dtypes)
         for index in range(first, stop):
             if started is not None:
                 started(index)
             log = []
-            write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound)
+            write_key(plan, plan.keys[index], writer, readers, dtype, device, chunk_bytes, log, None, bound, pool)
             if sender is not None:
                 sender.flush()
             if finished is not None:
@@ -82,35 +86,39 @@ def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop
     finally:
         if writer is not None and writer is not sender:
             writer.close()
+        pool.close()
         bound.close()
         for r in readers:
             r.close()
 
 
-def serve(inbox, outbox):
+def serve(inbox, outbox, index: int = 0):
+    """Worker `index`'s loop: the setup, then tasks until "stop" (or the parent's end of the pipe)."""
     setup = read_frame(inbox)
     if setup is None:
         return
     setup = setup[1]
+    device = worker_device(setup["device"], index)
     sender = ChunkSender(outbox) if setup.get("send_chunks") else None   # live merges: chunks back over the pipe
     started = lambda index: send_frame(outbox, ("started", index))  # noqa: E731
     finished = lambda index, log: send_frame(outbox, ("key", index, log))  # noqa: E731
     while (msg := read_frame(inbox)) is not None and msg[0] == "task":
         _, task_id, first, stop = msg
         run_keys(setup, setup.get("tmp"), setup.get("ranges"), setup.get("dtypes"), first, stop, started, finished,
-                 sender)
+                 sender, device)
         send_frame(outbox, ("task", task_id))
 
 
 def main():
-    torch.set_num_threads(1)
+    index = int(sys.argv[1]) if len(sys.argv) > 1 else 0     # this worker's number (its GPU, on CUDA)
+    worker_torch_settings()
     # The protocol owns the real stdout; anything else printed goes to stderr.
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     inbox = sys.stdin.buffer
     try:
         with torch.no_grad():
-            serve(inbox, outbox)
+            serve(inbox, outbox, index)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as data
         try:
             send_frame(outbox, ("error", pack_error(exc), traceback.format_exc(limit=8)))

@@ -96,7 +96,7 @@ class WorkerProcess:
     def __init__(self, index: int, inbox: queue.Queue):
         self.index, self.task, self.key, self.stopping = index, None, None, False
         self.stderr_tail = collections.deque(maxlen=20)
-        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(index)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
         self._outbox: queue.Queue = queue.Queue()
         for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"), (self._feed, (), "-in")):

@@ -12,12 +12,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 
 def auto_workers(device: str = "cpu") -> int:
-    """The default: one worker, i.e. chunks computed inline. Measured on the 2-core CI machine
-    (bench/README.md): two chunk threads are slower than one (8-model average, fp32: 17.7 s with
-    one, 34.8 s with two), because each op's Python-side dispatch holds the GIL, the ops on
-    cache-sized chunks are short, and the writer's hashing thread needs the second core; workers
-    are opt-in (`threads`) for machines where they pay off."""
-    return 1
+    """The default number of chunk threads. CPU: one, i.e. chunks computed inline. Measured on the
+    2-core CI machine (bench/README.md): two chunk threads are slower than one (8-model average,
+    fp32: 17.7 s with one, 34.8 s with two), because each op's Python-side dispatch holds the GIL,
+    the ops on cache-sized chunks are short, and the writer's hashing thread needs the second core;
+    more are opt-in (`threads`) for machines where they pay off. CUDA: two, so that one thread reads
+    the next chunk's rows from the files (no GIL held in the reads) while the other's chunk is on
+    the GPU — the reads overlap with the compute (devices.py)."""
+    return 2 if device == "cuda" else 1
 
 
 class ChunkWorkers:

@@ -13,7 +13,7 @@ file (no backup copy in memory), after which the loaded weights equal the file's
 
 The host supplies a `LiveTarget` (the WebUI glue wraps its loaded model; tests use `TensorTarget`).
 Nothing here imports gradio or the WebUI; the host's torch settings end as they were
-(`one_torch_thread`). The state, the target interface and the per-key reads and writes shared by
+(`merge_torch_settings`). The state, the target interface and the per-key reads and writes shared by
 merge, restore and save are in live_state.py; the WebUI's loaded model in live_webui.py.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..core.key_chunks import one_torch_thread
+from ..core.devices import merge_torch_settings
 from ..core.live_workers import ChunkRun, sub_plan
 from ..core.metadata import output_metadata
 from ..core.plan_data import GIB, Plan
@@ -112,7 +112,7 @@ def _merge_into(target, plan, options, progress, cancel) -> LiveResult:
     state.recipe, state.recipe_hash, state.plan = plan.recipe, recipe_hash(plan.recipe), plan
     state.complete = False
     try:
-        with torch.no_grad(), one_torch_thread():
+        with torch.no_grad(), merge_torch_settings(device):
             restore_keys(state, restore, tensors, report, cancel)
             _write_keys(plan, write, wanted, state, tensors, report, options, device, dtype, chunk_bytes, log, cancel)
         state.complete = True
@@ -206,7 +206,7 @@ def restore(target: LiveTarget, progress: Callable[[Progress], None] | None = No
         report = Reporter(len(keys), sum(tensors[k].numel() * tensors[k].element_size() for k in keys), progress)
         target.before_write(keys)
         try:
-            with torch.no_grad(), one_torch_thread():
+            with torch.no_grad(), merge_torch_settings():
                 restore_keys(state, keys, tensors, report, cancel)
         finally:
             settle(state, target)
@@ -253,7 +253,7 @@ def _saved_value(plan, kp, tensors, own, reader, log) -> torch.Tensor:
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     bound, value = Bindings(plan, {}), torch.empty(kp.shape, dtype=kp.dtype)
     try:
-        with one_torch_thread():
+        with merge_torch_settings():
             dtype = torch.float64 if plan.recipe.precision == "fp64" else torch.float32
             write_key(plan, kp, value, readers, dtype, torch.device("cpu"), 64 << 20, log, None, bound, None)
     finally:

@@ -84,10 +84,15 @@ def test_tasks_cover_every_key_once_in_order_and_balance_the_cost(models):
     plan = build_plan(recipe({"pool": POOL, "base": BASE, "method": "ties"}), str(models))
     tasks = cut_tasks(plan.keys, workers=3)
     assert [i for t in tasks for i in t.indices] == list(range(len(plan.keys)))
-    assert len(tasks) <= 3 * 4 + 1
-    target = sum(key_cost(k) for k in plan.keys) / 12
-    biggest = max(key_cost(k) for k in plan.keys)
-    assert all(t.cost < target + biggest for t in tasks)
+    total, biggest = sum(key_cost(k) for k in plan.keys), max(key_cost(k) for k in plan.keys)
+    assert sum(t.cost for t in tasks) == pytest.approx(total)
+    left = total
+    for t in tasks:       # half a worker's share of what is left, down to the grain of total / 48
+        assert t.cost < max(total / 48, left / 6) + biggest
+        left -= t.cost
+    assert tasks[0].cost >= total / 6          # large first: few tasks while every worker is busy ...
+    assert all(t.cost < total / 48 + biggest for t in tasks[-3:])   # ... small last: a short tail
+    assert len(tasks) <= 3 * 4 * 4
     merged = next(k for k in plan.keys if k.action == "merge")
     assert key_cost(merged) > key_cost(dataclasses.replace(merged, action="copy")) == math.prod(merged.shape)
 
