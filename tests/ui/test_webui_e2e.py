@@ -10,8 +10,8 @@ Optional: runs only when these environment variables point at a prepared WebUI (
   ``--skip-prepare-environment`` (nothing is cloned or installed);
 - ``A1111_PYTHON`` (or ``WEBUI_PYTHON``): the interpreter of the WebUI's own environment (torch,
   gradio 3.41.2 and the rest of its requirements, plus scipy and matplotlib for our install.py);
-  default ``venv/bin/python`` in the checkout, else (Forge) in its parent folder, where
-  ../shared/hosts/setup-forge-classic.sh puts it, else this interpreter.
+  default ``venv/bin/python`` in the checkout, else in its parent folder (where the A1111 setup
+  and ../shared/hosts/setup-forge-classic.sh put it), else this interpreter.
 
 Which WebUI it is comes from its files (``webui_kind``; ``WEBUI_KIND`` = a1111 | forge-classic |
 forge-neo overrides): Forge has ``modules_forge/``, Classic keeps its X/Y/Z plot in
@@ -88,12 +88,13 @@ def webui_kind(folder) -> str:
 KIND = webui_kind(A1111_DIR) if A1111_DIR else "a1111"
 FORGE = KIND.startswith("forge")
 # HOSTS.md "Running each host here": the CPU flag and the checks each launcher has.
-COMMON_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check",
-                "--no-download-sd-model", "--disable-nan-check", "--api"]
-HOST_FLAGS = {
-    "a1111": ["--use-cpu", "all", "--no-half", "--skip-load-model-at-start", "--do-not-download-clip"],
-    "forge-classic": ["--skip-python-version-check", "--always-cpu", "--no-half"],   # --use-cpu is parsed, unused
-    "forge-neo": ["--skip-python-version-check", "--cpu"],
+COMMON_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--api"]
+HOST_FLAGS = {      # Neo refuses flags it does not know (no --no-download-sd-model, --disable-nan-check, --ckpt-dir)
+    "a1111": ["--use-cpu", "all", "--no-half", "--skip-load-model-at-start", "--do-not-download-clip",
+              "--no-download-sd-model", "--disable-nan-check"],
+    "forge-classic": ["--skip-python-version-check", "--always-cpu", "--no-half",   # --use-cpu is parsed, unused
+                      "--no-download-sd-model", "--disable-nan-check"],
+    "forge-neo": ["--skip-python-version-check", "--cpu", "--disable-gpu-warning"],
 }
 NOT_SUPPORTED = "not supported on this host"
 FORGE_NO_LIVE = ("Forge keeps the weights in its model patcher: merging into the loaded model is "
@@ -104,10 +105,8 @@ def webui_python() -> str:
     for var in ("WEBUI_PYTHON", "A1111_PYTHON"):
         if os.environ.get(var):
             return os.environ[var]
-    venvs = [pathlib.Path(A1111_DIR, "venv")]
-    if FORGE:       # ../shared/hosts/setup-forge-*.sh: DEST/venv beside the checkout DEST/forge
-        venvs.append(pathlib.Path(A1111_DIR).parent / "venv")
-    for venv in venvs:
+    # beside the checkout: /work/webui/{a1111,venv} (the A1111 setup), setup-forge-classic.sh: DEST/{forge,venv}
+    for venv in (pathlib.Path(A1111_DIR, "venv"), pathlib.Path(A1111_DIR).parent / "venv"):
         if (venv / "bin" / "python").exists():
             return str(venv / "bin" / "python")
     return sys.executable
@@ -162,6 +161,8 @@ def webui(demo_dir, tmp_path_factory):
         pytest.fail(f"WEBUI_KIND={KIND!r}: expected one of {sorted(HOST_FLAGS)}")
     base = tmp_path_factory.mktemp("webui")
     data, models, home = base / "data", base / "models", base / "home"
+    if KIND == "forge-neo":      # no --ckpt-dir there (only extra --ckpt-dirs): its own models/Stable-diffusion
+        models = data / "models" / "Stable-diffusion"
     for folder in (data / "extensions", models, home):
         folder.mkdir(parents=True)
     shutil.copytree(ROOT, data / "extensions" / "astolfo-merge", ignore=EXTENSION_SKIP)
@@ -180,8 +181,13 @@ def webui(demo_dir, tmp_path_factory):
     for leaked in ("PYTHONPATH", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
         env.pop(leaked, None)
     log = base / "webui.log"
-    args = [webui_python(), "launch.py", *COMMON_FLAGS, *HOST_FLAGS[KIND],
-            "--data-dir", str(data), "--ckpt-dir", str(models), "--port", str(port)]
+    args = [webui_python(), "launch.py", *COMMON_FLAGS, *HOST_FLAGS[KIND], "--data-dir", str(data), "--port", str(port)]
+    if KIND == "forge-neo":
+        # gradio 4 serves only allowed paths, and Neo allows just the data dir: with a --data-dir outside the
+        # checkout its own script.js and style.css answer 403 and the page has no gradioApp()
+        args += ["--gradio-allowed-path", str(webui_dir)]
+    else:
+        args += ["--ckpt-dir", str(models)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -238,6 +244,11 @@ def wait_until(condition, timeout, what):
     raise AssertionError(f"{what} within {timeout} s")
 
 
+def open_merger_tab(page):
+    """Click our tab's button (role "button" under gradio 3.41, "tab" under 4.x: Forge Neo)."""
+    page.locator("button").filter(has_text=re.compile(r"^\s*AstolfoMerge\s*$")).first.click()
+
+
 def quicksettings_checkpoints(page) -> list:
     """The titles the WebUI's own "Stable Diffusion checkpoint" dropdown offers right now."""
     dropdown = page.locator("#setting_sd_model_checkpoint input").first
@@ -249,7 +260,7 @@ def quicksettings_checkpoints(page) -> list:
 
 def test_a_merge_in_the_merger_tab_is_listed_by_the_webui_with_its_hash(webui, page):
     page.goto(webui.url)
-    page.get_by_role("button", name="AstolfoMerge", exact=True).click()   # beside the built-in "Checkpoint Merger"
+    open_merger_tab(page)      # beside the built-in "Checkpoint Merger"
     page.wait_for_selector("#astolfo_merge_pool label >> text=sd1-b.safetensors")
 
     page.locator("#astolfo_merge_method input").first.click()
@@ -336,11 +347,11 @@ def test_the_merger_settings_are_in_the_webui_options(webui):
     shown = setting_values(webui)
     assert {key: shown.get(key) for key in expected} == expected, "the Settings page should show our options"
     options = webui.api("/sdapi/v1/options")
-    if KIND == "forge-classic":
-        # Classic's built-in ControlNet imports modules.api.api while the built-in extensions load, which
+    if FORGE:
+        # Forge's built-in ControlNet imports modules.api.api while the built-in extensions load, which
         # fixes the API's options model (GET /sdapi/v1/options) before any extension in extensions/ adds an
         # option: that GET omits them all (ControlNet's own on_ui_settings options too); POST sets them.
-        assert "control_net_unit_count" in shown and "control_net_unit_count" not in options
+        assert "control_net_models_path" in shown and "control_net_models_path" not in options
         webui.api("/sdapi/v1/options", data={"astolfo_merge_memory_gb": 1.5})
         return
     assert options["astolfo_merge_memory_gb"] == pytest.approx(1.5)
@@ -357,12 +368,18 @@ def xyz_axis_index(webui, label, tab="txt2img") -> int:
     raise AssertionError(f"no xyz plot on {tab}")
 
 
+def xyz_script_args(x_type, x_values, x_dropdown, include_lone_images=False) -> list:
+    """The X/Y/Z plot's run() arguments for an X axis alone: x_type, x_values, x_values_dropdown, y…, z…,
+    draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size,
+    csv_mode (xyz_grid.py v1.10.1 and Classic's); Neo has row_count (0: automatic) before margin_size."""
+    rows = [0] if KIND == "forge-neo" else []
+    return [x_type, x_values, x_dropdown, 0, "", [], 0, "", [], True, include_lone_images, False, False,
+            False, False, False, *rows, 0, False]
+
+
 def test_an_xyz_run_naming_an_unknown_merger_recipe_is_refused_before_any_merge(webui):
-    # x/y/z plot's run(): x_type, x_values, x_values_dropdown, y…, z…, draw_legend, include_lone_images,
-    # include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode (xyz_grid.py v1.10.1).
     x_type = xyz_axis_index(webui, "[Merger] recipe")
-    script_args = [x_type, "", ["no-such-recipe"], 0, "", [], 0, "", [], True, False, False, False,
-                   False, False, False, 0, False]
+    script_args = xyz_script_args(x_type, "", ["no-such-recipe"])
     before = sorted(p.name for p in webui.models.iterdir())
     body = json.dumps({"prompt": "x", "steps": 1, "width": 64, "height": 64, "script_name": "x/y/z plot",
                        "script_args": script_args}).encode()
@@ -452,8 +469,7 @@ def generate(webui, prompt="a cat", **extra) -> tuple:
 def alpha_grid(webui) -> tuple:
     """An XYZ grid over `[Merger] alpha` = ALPHAS: (cell pixels, cell infotexts, wall seconds)."""
     x_type = xyz_axis_index(webui, "[Merger] alpha")
-    script_args = [x_type, ", ".join(map(str, ALPHAS)), [], 0, "", [], 0, "", [], True, True, False, False,
-                   False, False, False, 0, False]
+    script_args = xyz_script_args(x_type, ", ".join(map(str, ALPHAS)), [], include_lone_images=True)
     started = time.monotonic()
     images, infos = generate(webui, script_name="x/y/z plot", script_args=script_args)
     return images[-len(ALPHAS):], infos[-len(ALPHAS):], time.monotonic() - started
@@ -625,7 +641,7 @@ def test_on_forge_the_tab_says_merging_into_the_loaded_model_is_not_supported_on
 def open_tab_with_weighted_sum(webui, page, alpha):
     """The tab with weighted_sum of rand_A and rand_B at `alpha` and no base, by clicks."""
     page.goto(webui.url)
-    page.get_by_role("button", name="AstolfoMerge", exact=True).click()
+    open_merger_tab(page)
     page.wait_for_selector("#astolfo_merge_pool label >> text=rand_B.safetensors")
     page.locator("#astolfo_merge_method input").first.click()
     page.locator("ul.options li", has_text="weighted_sum").first.click()
@@ -642,13 +658,19 @@ def merge_in_tab(webui, page, alpha):
     """weighted_sum of rand_A and rand_B at `alpha`, Merge into "the loaded model", by clicks."""
     open_tab_with_weighted_sum(webui, page, alpha)
     page.locator("#astolfo_merge_target label", has_text="the loaded model").click()
+    # The tab shows the last job of this WebUI (e.g. an XYZ grid's file cell, done) until the new one
+    # starts, and a live merge can be over between two polls: wait for a new summary.
+    summary_box, message = page.locator("#astolfo_merge_summary").first, page.locator("#astolfo_merge_message").first
+    before = summary_box.inner_text()
     page.locator("#astolfo_merge_merge").click()
-    try:
-        wait_until(lambda: merge_status(page)["status"] != "idle", 120, "Merge should start")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {page.locator('#astolfo_merge_message').first.inner_text()}") from None
-    final = wait_until(lambda: finished(merge_status(page)), 600, "the live merge should finish")
-    summary = page.locator("#astolfo_merge_summary").first.inner_text()
+
+    def new_job_finished():
+        if message.inner_text().strip().startswith("Error"):
+            raise AssertionError(f"Merge was refused: {message.inner_text()}")
+        status = finished(merge_status(page))
+        return status if status and summary_box.inner_text() != before else None
+    final = wait_until(new_job_finished, 600, "the live merge should finish")
+    summary = summary_box.inner_text()
     assert final["status"] == "done" and "into the loaded model" in summary, f"{final}\n{summary}\n{webui.log_tail()}"
 
 
