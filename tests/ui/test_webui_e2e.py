@@ -1,17 +1,28 @@
-"""AstolfoMerge inside a real AUTOMATIC1111 WebUI (v1.10.1): the AstolfoMerge tab merges in Chromium, the
-WebUI's own API lists the new checkpoint with its hash, and the "[Merger] …" XYZ axes are offered.
+"""AstolfoMerge inside a real WebUI — AUTOMATIC1111 v1.10.1 or Forge Classic: the AstolfoMerge tab
+merges in Chromium, the WebUI's own API lists the new checkpoint with its hash, and the "[Merger] …"
+XYZ axes are offered and run.
 
 Optional: runs only when these environment variables point at a prepared WebUI (CI skips it):
 
-- ``A1111_DIR``: a WebUI checkout whose ``repositories/`` already hold stable-diffusion-stability-ai,
-  generative-models, k-diffusion and an (empty is fine) stable-diffusion-webui-assets folder,
-  because the WebUI is started with ``--skip-prepare-environment`` (nothing is cloned or installed);
-- ``A1111_PYTHON``: the interpreter of the WebUI's own environment (torch, gradio 3.41.2 and the
-  rest of its requirements_versions.txt, plus scipy and matplotlib for our install.py);
-  default ``$A1111_DIR/venv/bin/python`` if it exists, else this interpreter.
+- ``A1111_DIR`` (or ``WEBUI_DIR``): a WebUI checkout whose ``repositories/`` already hold
+  stable-diffusion-stability-ai, generative-models, k-diffusion (A1111) and an (empty is fine)
+  stable-diffusion-webui-assets folder, because the WebUI is started with
+  ``--skip-prepare-environment`` (nothing is cloned or installed);
+- ``A1111_PYTHON`` (or ``WEBUI_PYTHON``): the interpreter of the WebUI's own environment (torch,
+  gradio 3.41.2 and the rest of its requirements, plus scipy and matplotlib for our install.py);
+  default ``venv/bin/python`` in the checkout, else in its parent folder (where the A1111 setup
+  and ../shared/hosts/setup-forge-classic.sh put it), else this interpreter.
 
-Example: ``A1111_DIR=/work/webui A1111_PYTHON=/work/webui-venv/bin/python
-.venv/bin/python -m pytest tests/ui/test_webui_e2e.py``.
+Which WebUI it is comes from its files (``webui_kind``; ``WEBUI_KIND`` = a1111 | forge-classic |
+forge-neo overrides): Forge has ``modules_forge/``, Classic keeps its X/Y/Z plot in
+``extensions-builtin/xyz/lib_xyz``. The launch flags follow ../shared/design/HOSTS.md. Forge keeps
+the weights in its model patcher, so there the glue refuses a live merge ("not supported on this
+host"): the tests that need one assert that refusal, and that the `[Merger]` XYZ cells fall back to
+files, instead.
+
+Examples: ``A1111_DIR=/work/webui/a1111 .venv/bin/python -m pytest tests/ui/test_webui_e2e.py``;
+``A1111_DIR=/work/webui/forge-classic/forge A1111_SD1_MODELS=/work/webui/models .venv/bin/python -m
+pytest tests/ui/test_webui_e2e.py`` (Forge Classic, its venv found at ../venv).
 
 The live-merge tests (`[Merger]` XYZ cells merged into the loaded model, LoRA after a live merge)
 also need real-size models the WebUI can load and generate with:
@@ -23,8 +34,9 @@ also need real-size models the WebUI can load and generate with:
 
 The WebUI runs CPU-only and offline on a fresh ``--data-dir`` (config, caches, the extension) and
 ``--ckpt-dir`` (the session's tiny demo checkpoints), on a free 127.0.0.1 port, with
-``--skip-load-model-at-start``: our 1/64-scale checkpoints can be listed, hashed and merged but not
-loaded into the WebUI's model, so image generation is out of scope (A1111.md §10.3). The extension
+``--skip-load-model-at-start`` (A1111; Forge Classic has no such flag and tries to load one at
+start, which fails harmlessly on a tiny file): our 1/64-scale checkpoints can be listed, hashed and
+merged but not loaded into the WebUI's model (A1111.md §10.3). The extension
 is copied (not linked) into ``<data-dir>/extensions/astolfo-merge`` so the WebUI does not try to read
 git remotes of this checkout.
 """
@@ -49,8 +61,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 from browser_helpers import CHROMIUM, free_port, launch, pick as _pick, progress as merge_status, sha256
 
 SCREENSHOT = ROOT / "test-artifacts" / "webui_merger_tab.png"
-A1111_DIR = os.environ.get("A1111_DIR", "")
-SD1_MODELS = os.environ.get("A1111_SD1_MODELS", "")
+A1111_DIR = os.environ.get("WEBUI_DIR") or os.environ.get("A1111_DIR", "")
+SD1_MODELS = os.environ.get("WEBUI_SD1_MODELS") or os.environ.get("A1111_SD1_MODELS", "")
 LIVE_ARTIFACT = ROOT / "test-artifacts" / "webui_live_merge.json"
 START_TIMEOUT_S = 300          # the WebUI imports torch, gradio, ldm and sgm: ~20 s idle, minutes when busy
 AXES = ("[Merger] alpha", "[Merger] recipe")
@@ -59,15 +71,45 @@ EXTENSION_SKIP = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest
 
 pytestmark = [
     pytest.mark.webui, pytest.mark.browser, pytest.mark.slow,
-    pytest.mark.skipif(not A1111_DIR, reason="set A1111_DIR to a prepared AUTOMATIC1111 WebUI checkout"),
+    pytest.mark.skipif(not A1111_DIR, reason="set A1111_DIR to a prepared AUTOMATIC1111 / Forge WebUI checkout"),
 ]
 
 
+def webui_kind(folder) -> str:
+    """"a1111", "forge-classic" or "forge-neo", by the checkout's files ($WEBUI_KIND overrides)."""
+    if os.environ.get("WEBUI_KIND"):
+        return os.environ["WEBUI_KIND"]
+    folder = pathlib.Path(folder)
+    if not (folder / "modules_forge").is_dir():
+        return "a1111"
+    return "forge-classic" if (folder / "extensions-builtin" / "xyz" / "lib_xyz").is_dir() else "forge-neo"
+
+
+KIND = webui_kind(A1111_DIR) if A1111_DIR else "a1111"
+FORGE = KIND.startswith("forge")
+# HOSTS.md "Running each host here": the CPU flag and the checks each launcher has.
+COMMON_FLAGS = ["--skip-prepare-environment", "--skip-torch-cuda-test", "--skip-version-check", "--api"]
+HOST_FLAGS = {      # Neo refuses flags it does not know (no --no-download-sd-model, --disable-nan-check, --ckpt-dir)
+    "a1111": ["--use-cpu", "all", "--no-half", "--skip-load-model-at-start", "--do-not-download-clip",
+              "--no-download-sd-model", "--disable-nan-check"],
+    "forge-classic": ["--skip-python-version-check", "--always-cpu", "--no-half",   # --use-cpu is parsed, unused
+                      "--no-download-sd-model", "--disable-nan-check"],
+    "forge-neo": ["--skip-python-version-check", "--cpu", "--disable-gpu-warning"],
+}
+NOT_SUPPORTED = "not supported on this host"
+FORGE_NO_LIVE = ("Forge keeps the weights in its model patcher: merging into the loaded model is "
+                 f"{NOT_SUPPORTED} (live_webui.FORGE_REASON); the test_on_forge_* tests check that instead")
+
+
 def webui_python() -> str:
-    if os.environ.get("A1111_PYTHON"):
-        return os.environ["A1111_PYTHON"]
-    own_venv = pathlib.Path(A1111_DIR, "venv", "bin", "python")
-    return str(own_venv) if own_venv.exists() else sys.executable
+    for var in ("WEBUI_PYTHON", "A1111_PYTHON"):
+        if os.environ.get(var):
+            return os.environ[var]
+    # beside the checkout: /work/webui/{a1111,venv} (the A1111 setup), setup-forge-classic.sh: DEST/{forge,venv}
+    for venv in (pathlib.Path(A1111_DIR, "venv"), pathlib.Path(A1111_DIR).parent / "venv"):
+        if (venv / "bin" / "python").exists():
+            return str(venv / "bin" / "python")
+    return sys.executable
 
 
 def get_json(url, data=None, timeout=10):
@@ -91,11 +133,11 @@ class WebUI:
     def log_tail(self, chars=4000) -> str:
         return self.log.read_text(errors="replace")[-chars:]
 
-    def our_errors(self) -> list:
-        """Tracebacks and "*** …" reports in the WebUI's log that involve AstolfoMerge. Others are
-        expected: each page load makes the WebUI try to load a model, which fails offline (no CLIP
-        tokenizer) and would fail anyway on our 1/64-scale checkpoints."""
-        blocks = re.split(r"\n(?=Traceback|\*\*\* )", self.log.read_text(errors="replace"))
+    def our_errors(self, since: int = 0) -> list:
+        """Tracebacks and "*** …" reports in the WebUI's log (from offset `since`) that involve
+        AstolfoMerge. Others are expected: each page load makes the WebUI try to load a model, which
+        fails offline (no CLIP tokenizer) and would fail anyway on our 1/64-scale checkpoints."""
+        blocks = re.split(r"\n(?=Traceback|\*\*\* )", self.log_since(since))
         return [block for block in blocks if block.startswith(("Traceback", "*** ")) and "astolfo" in block.lower()]
 
     def log_since(self, offset: int) -> str:
@@ -114,9 +156,13 @@ def webui(demo_dir, tmp_path_factory):
     """The WebUI with our extension over a models folder holding the session's demo checkpoints."""
     webui_dir = pathlib.Path(A1111_DIR)
     if not (webui_dir / "launch.py").is_file() or not (webui_dir / "modules" / "sd_models.py").is_file():
-        pytest.fail(f"A1111_DIR={A1111_DIR} is not an AUTOMATIC1111 WebUI checkout (no launch.py / modules/)")
+        pytest.fail(f"A1111_DIR={A1111_DIR} is not a WebUI checkout (no launch.py / modules/)")
+    if KIND not in HOST_FLAGS:
+        pytest.fail(f"WEBUI_KIND={KIND!r}: expected one of {sorted(HOST_FLAGS)}")
     base = tmp_path_factory.mktemp("webui")
     data, models, home = base / "data", base / "models", base / "home"
+    if KIND == "forge-neo":      # no --ckpt-dir there (only extra --ckpt-dirs): its own models/Stable-diffusion
+        models = data / "models" / "Stable-diffusion"
     for folder in (data / "extensions", models, home):
         folder.mkdir(parents=True)
     shutil.copytree(ROOT, data / "extensions" / "astolfo-merge", ignore=EXTENSION_SKIP)
@@ -135,10 +181,13 @@ def webui(demo_dir, tmp_path_factory):
     for leaked in ("PYTHONPATH", "VIRTUAL_ENV", "COMMANDLINE_ARGS"):
         env.pop(leaked, None)
     log = base / "webui.log"
-    args = [webui_python(), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-            "--skip-version-check", "--use-cpu", "all", "--no-half", "--no-download-sd-model",
-            "--skip-load-model-at-start", "--do-not-download-clip", "--disable-nan-check", "--api",
-            "--data-dir", str(data), "--ckpt-dir", str(models), "--port", str(port)]
+    args = [webui_python(), "launch.py", *COMMON_FLAGS, *HOST_FLAGS[KIND], "--data-dir", str(data), "--port", str(port)]
+    if KIND == "forge-neo":
+        # gradio 4 serves only allowed paths, and Neo allows just the data dir: with a --data-dir outside the
+        # checkout its own script.js and style.css answer 403 and the page has no gradioApp()
+        args += ["--gradio-allowed-path", str(webui_dir)]
+    else:
+        args += ["--ckpt-dir", str(models)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -195,6 +244,11 @@ def wait_until(condition, timeout, what):
     raise AssertionError(f"{what} within {timeout} s")
 
 
+def open_merger_tab(page):
+    """Click our tab's button (role "button" under gradio 3.41, "tab" under 4.x: Forge Neo)."""
+    page.locator("button").filter(has_text=re.compile(r"^\s*AstolfoMerge\s*$")).first.click()
+
+
 def quicksettings_checkpoints(page) -> list:
     """The titles the WebUI's own "Stable Diffusion checkpoint" dropdown offers right now."""
     dropdown = page.locator("#setting_sd_model_checkpoint input").first
@@ -206,7 +260,7 @@ def quicksettings_checkpoints(page) -> list:
 
 def test_a_merge_in_the_merger_tab_is_listed_by_the_webui_with_its_hash(webui, page):
     page.goto(webui.url)
-    page.get_by_role("button", name="AstolfoMerge", exact=True).click()   # beside the built-in "Checkpoint Merger"
+    open_merger_tab(page)      # beside the built-in "Checkpoint Merger"
     page.wait_for_selector("#astolfo_merge_pool label >> text=sd1-b.safetensors")
 
     page.locator("#astolfo_merge_method input").first.click()
@@ -278,8 +332,28 @@ def test_the_xyz_plot_offers_each_merger_axis_once_on_txt2img_and_img2img(webui)
             assert choices.count(label) == 1, f"{elem_id} should offer {label!r} once: {choices}"
 
 
+def setting_values(webui) -> dict:
+    """What the Settings page shows for each setting (its component `setting_<key>` in /config)."""
+    shown = {}
+    for component in get_json(webui.url + "/config")["components"]:
+        elem_id = component.get("props", {}).get("elem_id") or ""
+        if elem_id.startswith("setting_"):
+            shown[elem_id[len("setting_"):]] = component["props"].get("value")
+    return shown
+
+
 def test_the_merger_settings_are_in_the_webui_options(webui):
+    expected = {"astolfo_merge_memory_gb": 1.5, "astolfo_merge_precision": "fp64", "astolfo_merge_device": "cpu"}
+    shown = setting_values(webui)
+    assert {key: shown.get(key) for key in expected} == expected, "the Settings page should show our options"
     options = webui.api("/sdapi/v1/options")
+    if FORGE:
+        # Forge's built-in ControlNet imports modules.api.api while the built-in extensions load, which
+        # fixes the API's options model (GET /sdapi/v1/options) before any extension in extensions/ adds an
+        # option: that GET omits them all (ControlNet's own on_ui_settings options too); POST sets them.
+        assert "control_net_models_path" in shown and "control_net_models_path" not in options
+        webui.api("/sdapi/v1/options", data={"astolfo_merge_memory_gb": 1.5})
+        return
     assert options["astolfo_merge_memory_gb"] == pytest.approx(1.5)
     assert options["astolfo_merge_precision"] == "fp64"
     assert options["astolfo_merge_device"] == "cpu"
@@ -294,12 +368,18 @@ def xyz_axis_index(webui, label, tab="txt2img") -> int:
     raise AssertionError(f"no xyz plot on {tab}")
 
 
+def xyz_script_args(x_type, x_values, x_dropdown, include_lone_images=False) -> list:
+    """The X/Y/Z plot's run() arguments for an X axis alone: x_type, x_values, x_values_dropdown, y…, z…,
+    draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size,
+    csv_mode (xyz_grid.py v1.10.1 and Classic's); Neo has row_count (0: automatic) before margin_size."""
+    rows = [0] if KIND == "forge-neo" else []
+    return [x_type, x_values, x_dropdown, 0, "", [], 0, "", [], True, include_lone_images, False, False,
+            False, False, False, *rows, 0, False]
+
+
 def test_an_xyz_run_naming_an_unknown_merger_recipe_is_refused_before_any_merge(webui):
-    # x/y/z plot's run(): x_type, x_values, x_values_dropdown, y…, z…, draw_legend, include_lone_images,
-    # include_sub_grids, no_fixed_seeds, vary_seeds_x/y/z, margin_size, csv_mode (xyz_grid.py v1.10.1).
     x_type = xyz_axis_index(webui, "[Merger] recipe")
-    script_args = [x_type, "", ["no-such-recipe"], 0, "", [], 0, "", [], True, False, False, False,
-                   False, False, False, 0, False]
+    script_args = xyz_script_args(x_type, "", ["no-such-recipe"])
     before = sorted(p.name for p in webui.models.iterdir())
     body = json.dumps({"prompt": "x", "steps": 1, "width": 64, "height": 64, "script_name": "x/y/z plot",
                        "script_args": script_args}).encode()
@@ -338,6 +418,11 @@ def sd1(webui):
 def load_checkpoint(webui, name):
     get_json(webui.url + "/sdapi/v1/options", data={"sd_model_checkpoint": name}, timeout=900)   # loads it
     info = webui.api("/astolfo-merge/v1/loaded-model")
+    if FORGE:           # the route names no file there: the host's own setting says what it loaded
+        assert not info["supported"] and NOT_SUPPORTED in info["reason"], info
+        selected = webui.api("/sdapi/v1/options")["sd_model_checkpoint"]
+        assert selected.startswith(name), f"{selected}\n{webui.log_tail()}"
+        return
     assert info["supported"] and info["checkpoint"].endswith(name), f"{info}\n{webui.log_tail()}"
 
 
@@ -384,8 +469,7 @@ def generate(webui, prompt="a cat", **extra) -> tuple:
 def alpha_grid(webui) -> tuple:
     """An XYZ grid over `[Merger] alpha` = ALPHAS: (cell pixels, cell infotexts, wall seconds)."""
     x_type = xyz_axis_index(webui, "[Merger] alpha")
-    script_args = [x_type, ", ".join(map(str, ALPHAS)), [], 0, "", [], 0, "", [], True, True, False, False,
-                   False, False, False, 0, False]
+    script_args = xyz_script_args(x_type, ", ".join(map(str, ALPHAS)), [], include_lone_images=True)
     started = time.monotonic()
     images, infos = generate(webui, script_name="x/y/z plot", script_args=script_args)
     return images[-len(ALPHAS):], infos[-len(ALPHAS):], time.monotonic() - started
@@ -396,6 +480,7 @@ FILE_CELL = re.compile(r"\[Merger\] cell merged (_merger_trials/)?\S+ in ([\d.]+
 LOADED = re.compile(r"(?:Weights|Model) loaded in ([\d.]+)s")
 
 
+@pytest.mark.skipif(FORGE, reason=FORGE_NO_LIVE)
 def test_an_xyz_grid_merges_into_the_loaded_model_without_files_and_restores_it(sd1):
     webui = sd1
     webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
@@ -442,6 +527,7 @@ def test_an_xyz_grid_merges_into_the_loaded_model_without_files_and_restores_it(
     assert max(live_cells) <= sum(file_cells) / len(file_cells) / 3, numbers
 
 
+@pytest.mark.skipif(FORGE, reason=FORGE_NO_LIVE)
 def test_the_webui_lora_applies_once_on_top_of_a_live_merge(sd1, page):
     """networks.py backs up a layer's weights the first time a LoRA touches it; after a live merge that
     backup must neither bring the checkpoint back (undo) nor count the LoRA twice (double)."""
@@ -473,10 +559,89 @@ def test_the_webui_lora_applies_once_on_top_of_a_live_merge(sd1, page):
     webui.api("/sdapi/v1/refresh-checkpoints", data=b"{}")
 
 
-def merge_in_tab(webui, page, alpha):
-    """weighted_sum of rand_A and rand_B at `alpha`, Merge into "the loaded model", by clicks."""
+FALLBACK_NOTE = "[Merger] cells merge to files: merging into the loaded model is " + NOT_SUPPORTED
+REUSED_CELL = re.compile(r"\[Merger\] cell reused (_merger_trials/)?\S+ in ([\d.]+) s")
+
+
+@pytest.mark.skipif(not FORGE, reason="A1111 merges [Merger] cells into the loaded model (the live grid test)")
+def test_on_forge_an_xyz_grid_with_the_default_target_merges_file_cells_and_says_why(sd1):
+    """Forge: the default target "loaded model" cannot be had, so each cell is a file (said once in
+    the console), the WebUI loads it per cell; the same grid again reuses the cached files, same pixels."""
+    webui = sd1
+    webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})       # the default, unchanged
+    before, offset = folder_state(webui.models), webui.log_size()
+    images, infos, wall = alpha_grid(webui)
+    log = webui.log_since(offset)
+    assert log.count(FALLBACK_NOTE) == 1, log[-3000:]
+    assert not LIVE_CELL.search(log), log[-3000:]
+    merges = [float(m.group(2)) for m in FILE_CELL.finditer(log)]
+    loads = [float(m.group(1)) for m in LOADED.finditer(log)]
+    trials = sorted((webui.models / "_merger_trials").glob("*.safetensors"))
+    assert len(merges) == len(trials) == len(ALPHAS), log[-3000:]
+    assert len(loads) >= len(ALPHAS), f"the WebUI should load each cell's file:\n{log[-3000:]}"
+    added = set(folder_state(webui.models)) - set(before)
+    assert added == {os.path.relpath(p, webui.models) for p in trials}, added
+    assert len(set(images)) == len(ALPHAS), "each alpha should give another image"
+    for info in infos:      # each cell's image names its merged file as the model
+        assert any(f"Model: {p.stem}" in info for p in trials), info
+    assert not webui.our_errors(offset), webui.our_errors(offset)
+
+    # the same grid with the file target chosen: every cell reuses its file, the same pixels
+    webui.api("/sdapi/v1/options", data={LIVE_OPTION: FILE_CHOICE})
+    offset = webui.log_size()
+    try:
+        again, _infos, wall_again = alpha_grid(webui)
+    finally:
+        webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
+    log_again = webui.log_since(offset)
+    reused = [float(m.group(2)) for m in REUSED_CELL.finditer(log_again)]
+    assert len(reused) == len(ALPHAS) and not FILE_CELL.search(log_again), log_again[-3000:]
+    assert FALLBACK_NOTE not in log_again
+    written = sum(p.stat().st_size for p in trials)
+    numbers = {"host": KIND, "file_cell_merge_s": merges, "file_cell_load_s": loads[:len(ALPHAS)],
+               "file_cell_s": [m + lo for m, lo in zip(merges, loads)], "file_grid_wall_s": round(wall, 1),
+               "reused_grid_wall_s": round(wall_again, 1), "reused_cell_s": reused,
+               "file_grid_bytes_written": written}
+    LIVE_ARTIFACT.parent.mkdir(exist_ok=True)
+    LIVE_ARTIFACT.with_name(f"webui_file_cells_{KIND}.json").write_text(json.dumps(numbers, indent=2))
+    print(json.dumps(numbers))
+    for path in trials:
+        path.unlink()
+    webui.api("/sdapi/v1/refresh-checkpoints", data=b"{}")
+    assert again == images, "a cached cell file must give the pixels its first merge gave"
+
+
+@pytest.mark.skipif(not FORGE, reason="A1111 merges into the loaded model (the LoRA-after-live-merge test)")
+def test_on_forge_the_tab_says_merging_into_the_loaded_model_is_not_supported_on_this_host(sd1, page):
+    webui = sd1
+    load_checkpoint(webui, "rand_A.safetensors")
+    before, offset = folder_state(webui.models), webui.log_size()
+    open_tab_with_weighted_sum(webui, page, alpha=0.5)
+    last_job = merge_status(page)                       # the tab shows the last job (a file merge) or idle
+    message = page.locator("#astolfo_merge_message").first
+    page.locator("#astolfo_merge_target label", has_text="the loaded model").click()
+    page.locator("#astolfo_merge_merge").click()
+    wait_until(lambda: NOT_SUPPORTED in message.inner_text(), 120, f"Merge should answer {NOT_SUPPORTED!r}")
+    text = message.inner_text()
+    assert "Error" in text and "model patcher" in text, text
+    assert merge_status(page) == last_job, "no merge job may start"
+    for button in ("Save loaded merge", "Restore"):
+        # another answer between two refusals (the same text twice would not show a change)
+        click_live(page, "Empty the trials folder", expect=("The trials folder", "Deleted"))
+        answer = click_live(page, button, "live-saved.safetensors" if button.startswith("Save") else None,
+                            expect=("Error",))
+        assert NOT_SUPPORTED in answer, answer
+    assert folder_state(webui.models) == before, "a refused live merge must write nothing"
+    info = webui.api("/astolfo-merge/v1/loaded-model")
+    assert info == {"supported": False, "reason": info["reason"]} and "model patcher" in info["reason"], info
+    assert not [e for e in page.errors if "astolfo" in e.lower()], page.errors
+    assert not webui.our_errors(offset), webui.our_errors(offset)
+
+
+def open_tab_with_weighted_sum(webui, page, alpha):
+    """The tab with weighted_sum of rand_A and rand_B at `alpha` and no base, by clicks."""
     page.goto(webui.url)
-    page.get_by_role("button", name="AstolfoMerge", exact=True).click()
+    open_merger_tab(page)
     page.wait_for_selector("#astolfo_merge_pool label >> text=rand_B.safetensors")
     page.locator("#astolfo_merge_method input").first.click()
     page.locator("ul.options li", has_text="weighted_sum").first.click()
@@ -487,19 +652,31 @@ def merge_in_tab(webui, page, alpha):
     slider = page.locator("#astolfo_merge_param_slider0 input[type=number]")
     slider.fill(str(alpha))
     slider.press("Enter")
+
+
+def merge_in_tab(webui, page, alpha):
+    """weighted_sum of rand_A and rand_B at `alpha`, Merge into "the loaded model", by clicks."""
+    open_tab_with_weighted_sum(webui, page, alpha)
     page.locator("#astolfo_merge_target label", has_text="the loaded model").click()
+    # The tab shows the last job of this WebUI (e.g. an XYZ grid's file cell, done) until the new one
+    # starts, and a live merge can be over between two polls: wait for a new summary.
+    summary_box, message = page.locator("#astolfo_merge_summary").first, page.locator("#astolfo_merge_message").first
+    before = summary_box.inner_text()
     page.locator("#astolfo_merge_merge").click()
-    try:
-        wait_until(lambda: merge_status(page)["status"] != "idle", 120, "Merge should start")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}: {page.locator('#astolfo_merge_message').first.inner_text()}") from None
-    final = wait_until(lambda: finished(merge_status(page)), 600, "the live merge should finish")
-    summary = page.locator("#astolfo_merge_summary").first.inner_text()
+
+    def new_job_finished():
+        if message.inner_text().strip().startswith("Error"):
+            raise AssertionError(f"Merge was refused: {message.inner_text()}")
+        status = finished(merge_status(page))
+        return status if status and summary_box.inner_text() != before else None
+    final = wait_until(new_job_finished, 600, "the live merge should finish")
+    summary = summary_box.inner_text()
     assert final["status"] == "done" and "into the loaded model" in summary, f"{final}\n{summary}\n{webui.log_tail()}"
 
 
-def click_live(page, button, file_name=None):
-    """A button of the "Loaded model and XYZ trials" box; waits for its message."""
+def click_live(page, button, file_name=None, expect=("Saved", "Restored")):
+    """A button of the "Loaded model and XYZ trials" box; waits for its message (which must start
+    with one of `expect`)."""
     box = page.locator("#astolfo_merge_live_box")
     if not page.locator("#astolfo_merge_save_live").is_visible():
         box.locator("button, .label-wrap").first.click()
@@ -508,10 +685,12 @@ def click_live(page, button, file_name=None):
         field.fill(file_name)
     message = page.locator("#astolfo_merge_message").first
     before = message.inner_text()
-    page.locator({"Save loaded merge": "#astolfo_merge_save_live", "Restore": "#astolfo_merge_restore_live"}[button]).click()
-    answers = ("Saved", "Restored", "Error", "The loaded model")     # not gradio's "queue …" / "processing …"
+    page.locator({"Save loaded merge": "#astolfo_merge_save_live", "Restore": "#astolfo_merge_restore_live",
+                  "Empty the trials folder": "#astolfo_merge_empty_trials"}[button]).click()
+    # not gradio's "queue …" / "processing …"
+    answers = ("Saved", "Restored", "Error", "The loaded model", "The trials folder", "Deleted")
     wait_until(lambda: message.inner_text() != before and message.inner_text().strip().startswith(answers), 600,
                f"{button} should answer")
     text = message.inner_text().strip()
-    assert text.startswith(("Saved", "Restored")), text
+    assert text.startswith(expect), text
     return text
