@@ -92,7 +92,7 @@ class TaskRun:
 
     def __init__(self, plan, setup: dict, crew: Crew, cancel):
         self.plan, self.setup, self.cancel = plan, setup, cancel
-        self.workers, self.inbox = crew.workers, crew.inbox
+        self.workers, self.inbox, self.keep = crew.workers, crew.inbox, crew.keep
         self.tasks = collections.deque(cut_tasks(plan.keys, len(self.workers)))
 
     def _run_tasks(self):
@@ -116,6 +116,8 @@ class TaskRun:
                 self._started(w.key)
             elif kind == "task":
                 self._assign(w)
+            elif kind == "parked":
+                w.parked = True
             elif kind == "error":
                 raise unpack_error(msg[1], msg[2])
             elif kind == "exit":
@@ -130,7 +132,7 @@ class TaskRun:
             w.send(("task", w.task.id, w.task.first, w.task.stop))
         else:
             w.task, w.stopping = None, True
-            w.send(("stop",))
+            w.send(("park",) if self.keep else ("stop",))
 
     def _key(self, index: int, lines: list) -> int:
         """Key `index` is done (its log `lines`); returns how many keys that newly finishes (0 or 1)."""

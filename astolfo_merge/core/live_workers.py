@@ -7,10 +7,15 @@ to the parent ("chunk" frames, worker_main.ChunkSender); the parent copies it st
 model's tensor at the key's running offset. A key is in flight on one worker only, so its chunks
 arrive in row order. Any failure or a cancel kills the workers; keys written so far keep their
 signatures, the key in flight stays marked partial (restore or the next merge rewrites it).
+
+After a merge that finished, its workers are kept parked for KEEP_S seconds (`take_crew` /
+`keep_crew`): the next cell of a grid starts on them instead of waiting ~1.5 s for fresh
+interpreters to import torch. A restore, a different worker count or the timer closes them.
 """
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import torch
 
@@ -58,6 +63,59 @@ class ChunkRun(TaskRun):
         at = self.offsets.get(key, 0)
         flat[at:at + chunk.numel()].copy_(chunk)
         self.offsets[key] = at + chunk.numel()
+
+
+KEEP_S = 60.0
+_kept: dict = {"crew": None, "timer": None}
+_kept_lock = threading.Lock()
+
+
+def take_crew(count: int) -> Crew:
+    """`count` workers for a live merge: the kept crew when it has as many and all are alive, else a
+    fresh one (started at once: the interpreters import torch while the parent prepares)."""
+    crew = _take_kept()
+    if crew is not None and len(crew.workers) == count and crew.alive():
+        return crew
+    if crew is not None:
+        crew.close()
+    return Crew(count, keep=True)
+
+
+def keep_crew(crew: Crew):
+    """After a finished merge: park `crew` for the next one, closed after KEEP_S idle seconds."""
+    if not crew.settle():
+        return
+    timer = threading.Timer(KEEP_S, release_crew)
+    timer.daemon = True
+    with _kept_lock:
+        old = _kept["crew"]
+        if _kept["timer"] is not None:
+            _kept["timer"].cancel()
+        _kept.update(crew=crew, timer=timer)
+    if old is not None:
+        old.close()
+    timer.start()
+
+
+def release_crew():
+    """Close the kept crew now (after a grid's restore, on the timer, at shutdown)."""
+    crew = _take_kept()
+    if crew is not None:
+        crew.close()
+
+
+def kept_crew() -> Crew | None:
+    """The parked crew, if any (for tests and the tab's status)."""
+    return _kept["crew"]
+
+
+def _take_kept() -> Crew | None:
+    with _kept_lock:
+        crew, timer = _kept["crew"], _kept["timer"]
+        _kept.update(crew=None, timer=None)
+    if timer is not None:
+        timer.cancel()
+    return crew
 
 
 def sub_plan(plan, keys: list):

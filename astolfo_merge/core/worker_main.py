@@ -93,20 +93,27 @@ def run_keys(setup: dict, tmp: str, ranges: dict, dtypes: dict, first: int, stop
 
 
 def serve(inbox, outbox, index: int = 0):
-    """Worker `index`'s loop: the setup, then tasks until "stop" (or the parent's end of the pipe)."""
-    setup = read_frame(inbox)
-    if setup is None:
-        return
-    setup = setup[1]
-    device = worker_device(setup["device"], index)
-    sender = ChunkSender(outbox) if setup.get("send_chunks") else None   # live merges: chunks back over the pipe
+    """Worker `index`'s loop: a merge's setup, then its tasks. "park" drops the setup and answers
+    "parked" (a kept crew waits for the next merge's setup: live merges in a grid, live_workers.py);
+    "stop", anything else or the parent's end of the pipe ends the worker."""
     started = lambda index: send_frame(outbox, ("started", index))  # noqa: E731
     finished = lambda index, log: send_frame(outbox, ("key", index, log))  # noqa: E731
-    while (msg := read_frame(inbox)) is not None and msg[0] == "task":
-        _, task_id, first, stop = msg
-        run_keys(setup, setup.get("tmp"), setup.get("ranges"), setup.get("dtypes"), first, stop, started, finished,
-                 sender, device)
-        send_frame(outbox, ("task", task_id))
+    setup = device = sender = None
+    while (msg := read_frame(inbox)) is not None:
+        if msg[0] == "setup":
+            setup = msg[1]
+            device = worker_device(setup["device"], index)
+            sender = ChunkSender(outbox) if setup.get("send_chunks") else None   # live merges: chunks over the pipe
+        elif msg[0] == "task" and setup is not None:
+            _, task_id, first, stop = msg
+            run_keys(setup, setup.get("tmp"), setup.get("ranges"), setup.get("dtypes"), first, stop, started,
+                     finished, sender, device)
+            send_frame(outbox, ("task", task_id))
+        elif msg[0] == "park":
+            setup = device = sender = None
+            send_frame(outbox, ("parked",))
+        else:
+            return
 
 
 def main():

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 from ..errors import AstolfoError
 
@@ -94,7 +95,7 @@ class WorkerProcess:
     """One worker interpreter: its pipes, the tail of its stderr, and the task it is running."""
 
     def __init__(self, index: int, inbox: queue.Queue):
-        self.index, self.task, self.key, self.stopping = index, None, None, False
+        self.index, self.task, self.key, self.stopping, self.parked = index, None, None, False, False
         self.stderr_tail = collections.deque(maxlen=20)
         self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(index)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
@@ -170,11 +171,43 @@ def worker_env() -> dict:
 
 class Crew:
     """Worker processes started as early as possible (a fresh interpreter needs a second or more to
-    import torch: meanwhile the parent hashes inputs and prepares). Closing kills what is left."""
+    import torch: meanwhile the parent hashes inputs and prepares). Closing kills what is left.
+    `keep`: workers park at the end of a run instead of exiting, ready for another (`settle`)."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, keep: bool = False):
         self.inbox: queue.Queue = queue.Queue()
+        self.keep = keep
         self.workers = [WorkerProcess(i, self.inbox) for i in range(count)]
+
+    def alive(self) -> bool:
+        """Every worker running and nothing unread from them (a parked crew says nothing)."""
+        return self.inbox.empty() and all(w.proc.poll() is None for w in self.workers)
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """After a finished run of a kept crew: park the workers not yet told to, and read every
+        message left until each has answered "parked", so the next run starts on an empty inbox.
+        False (and the crew closed) when one died or did not answer in `timeout` seconds."""
+        for w in self.workers:
+            if not w.stopping:
+                w.stopping = True
+                w.send(("park",))
+        waiting = {w.index for w in self.workers if not w.parked}
+        deadline = time.monotonic() + timeout
+        while waiting:
+            try:
+                w, msg = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if msg[0] == "parked":
+                waiting.discard(w.index)
+            elif msg[0] in ("exit", "error"):
+                break
+        if waiting:
+            self.close()
+            return False
+        for w in self.workers:
+            w.task, w.key, w.stopping, w.parked = None, None, False, False
+        return True
 
     def close(self):
         for w in self.workers:

@@ -29,12 +29,12 @@ from typing import Callable
 import torch
 
 from ..core.devices import merge_torch_settings
-from ..core.live_workers import ChunkRun, sub_plan
+from ..core.live_workers import ChunkRun, keep_crew, release_crew, sub_plan, take_crew
 from ..core.metadata import output_metadata
 from ..core.plan_data import GIB, Plan
 from ..core.run_options import MergeResult, Progress, RunOptions
 from ..core.stage_run import Bindings, run_whole_stage
-from ..core.worker_process import WORKER_CHUNK_BYTES, Crew, auto_process_count
+from ..core.worker_process import WORKER_CHUNK_BYTES, auto_process_count
 from ..core.workers import ChunkWorkers
 from ..errors import Cancelled, RecipeError
 from ..io.hashes import HashCache
@@ -139,7 +139,8 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
     if not write:
         return
     processes = _process_count(plan, write, tensors, options)
-    crew = Crew(processes) if processes else None   # started first: the interpreters import torch meanwhile
+    crew = take_crew(processes) if processes else None   # first: fresh interpreters import torch meanwhile
+    finished = False
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     pool = ChunkWorkers(options.threads or 1)
     results: dict = {}
@@ -149,6 +150,7 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
         if crew is not None:
             _write_in_workers(plan, write, wanted, state, tensors, report, options, dtype, chunk_bytes, log, cancel,
                               results, crew)
+            finished = True
             return
         for kp in write:
             if cancel is not None and cancel.is_set():
@@ -159,7 +161,10 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
             report.tally(kp.key, math.prod(kp.shape) * kp.dtype.itemsize)
     finally:
         if crew is not None:
-            crew.close()
+            if finished:
+                keep_crew(crew)
+            else:
+                crew.close()
         bound.close()
         pool.close()
         for r in readers:
@@ -197,7 +202,9 @@ def _write_in_workers(plan, write, wanted, state, tensors, report, options, dtyp
 
 def restore(target: LiveTarget, progress: Callable[[Progress], None] | None = None,
             cancel: threading.Event | None = None) -> LiveResult:
-    """Bring back the checkpoint's own values in every key a live merge changed (read from its file)."""
+    """Bring back the checkpoint's own values in every key a live merge changed (read from its file).
+    The grid (or the user) is done merging: the parked workers go too."""
+    release_crew()
     with LOCK:
         start = time.monotonic()
         state = current_state(target)

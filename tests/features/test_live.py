@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from astolfo_merge.core import live_workers
 from astolfo_merge.core.engine import run_merge
 from astolfo_merge.core.plan import build_plan
 from astolfo_merge.core.recipe import parse_recipe
@@ -56,6 +57,7 @@ def assert_holds(tensors, reference, skip_other=True):
 @pytest.fixture(autouse=True)
 def _threads(one_torch_thread):
     yield
+    live_workers.release_crew()       # no parked workers outlive their test
 
 
 def test_a_live_merge_holds_exactly_what_loading_the_merged_file_would(models):
@@ -218,3 +220,34 @@ def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(model
     result = live.merge_into(target, plan_of(models, recipe(0.6)), RunOptions(hash_inputs=False, workers=2))
     assert torch.get_num_threads() == threads and result.keys > 0 and live_state.PARTIAL not in target.state.merged.values()
     assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))
+
+
+@pytest.mark.slow
+def test_a_grid_of_live_merges_reuses_its_parked_workers_and_a_restore_ends_them(models):
+    tensors, target = loaded_model(models)
+    options = RunOptions(hash_inputs=False, workers=2)
+    live.merge_into(target, plan_of(models, recipe(0.6)), options)
+    crew = live_workers.kept_crew()
+    assert crew is not None and crew.alive()
+    pids = [w.proc.pid for w in crew.workers]
+    live.merge_into(target, plan_of(models, recipe(0.2)), options)        # the next cell: the same interpreters
+    assert live_workers.kept_crew() is crew and [w.proc.pid for w in crew.workers] == pids
+    assert_holds(tensors, file_merge(models, recipe(0.2), "ref.safetensors"))
+    live.restore(target)
+    assert live_workers.kept_crew() is None and all(w.proc.poll() is not None for w in crew.workers)
+
+
+@pytest.mark.slow
+def test_a_parked_worker_that_died_is_replaced_by_a_fresh_crew(models):
+    tensors, target = loaded_model(models)
+    options = RunOptions(hash_inputs=False, workers=2)
+    live.merge_into(target, plan_of(models, recipe(0.6)), options)
+    crew = live_workers.kept_crew()
+    crew.workers[0].proc.kill()
+    crew.workers[0].proc.wait()
+    live.merge_into(target, plan_of(models, recipe(0.4)), options)
+    fresh = live_workers.kept_crew()
+    assert fresh is not None and fresh is not crew and all(w.proc.poll() is not None for w in crew.workers)
+    assert_holds(tensors, file_merge(models, recipe(0.4), "ref.safetensors"))
+    live_workers.release_crew()
+    assert all(w.proc.poll() is not None for w in fresh.workers)
