@@ -45,6 +45,8 @@ OPTIONS = {  # key -> (default, label, component, component args)
     "astolfo_merge_output_dir": ("", "AstolfoMerge: output folder (empty: the checkpoint folder)", None, None),
     "astolfo_merge_threads": (0, "AstolfoMerge: CPU threads (0: torch's default)", gr.Slider,
                               {"minimum": 0, "maximum": 64, "step": 1}),
+    "astolfo_merge_workers": (0, "AstolfoMerge: worker processes (0: auto, as many as cores and the memory budget allow)",
+                              gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}),
     "astolfo_merge_memory_gb": (1.5, "AstolfoMerge: memory budget in GB", gr.Number, None),
     # a callable: the choices are what this machine has (no "cuda" without CUDA)
     "astolfo_merge_device": ("cpu", "AstolfoMerge: device", gr.Radio, lambda: {"choices": merger_ui.device_choices()}),
@@ -227,6 +229,7 @@ class WebuiHost(Host):
         device = option("astolfo_merge_device") or "cpu"
         return HostSettings(output_dir=option("astolfo_merge_output_dir") or "",
                             threads=int(option("astolfo_merge_threads") or 0),
+                            workers=int(option("astolfo_merge_workers") or 0),
                             memory_gb=float(option("astolfo_merge_memory_gb") or 1.5),
                             device=device if device in merger_ui.device_choices() else "cpu",
                             precision=option("astolfo_merge_precision") or "fp64")

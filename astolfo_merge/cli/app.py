@@ -13,7 +13,7 @@ from ..io.paths import app_files_dir
 from ..ui import app_server
 from ..ui.app import DEFAULT_PORT, build_app, has_checkpoints
 from ..ui.host import HostSettings, StandaloneHost
-from .common import DEFAULT_MODELS_DIR, THROTTLE_HELP, memory_gb_arg, throttle_arg
+from .common import DEFAULT_MODELS_DIR, THROTTLE_HELP, memory_gb_arg, throttle_arg, workers_arg
 
 
 def cmd_app(args):
@@ -29,8 +29,8 @@ def cmd_app(args):
     warning = app_server.exposure_warning(args.host, args.port, folder)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    host = StandaloneHost(folder, HostSettings(threads=args.threads, memory_gb=args.memory_gb, device=args.device,
-                                               throttle=args.throttle))
+    host = StandaloneHost(folder, HostSettings(threads=args.threads, workers=args.workers, memory_gb=args.memory_gb,
+                                               device=args.device, throttle=args.throttle))
     files = app_files_dir()
     previous = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = files   # gradio's copies of downloads and uploads: the app's own folder
@@ -63,6 +63,8 @@ def add_app_command(sub):
     p.add_argument("--demo", action="store_true", help="write the demo checkpoints into the models folder first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--workers", type=workers_arg, default=0, metavar="N",
+                   help="worker processes per merge (0: auto, as many as cores and the memory budget allow)")
     p.add_argument("--memory-gb", type=memory_gb_arg, default=1.5)
     p.add_argument("--throttle", type=throttle_arg, default=0.0, metavar="SECONDS", help=THROTTLE_HELP)
     p.set_defaults(func=cmd_app)

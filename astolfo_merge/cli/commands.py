@@ -4,7 +4,6 @@ Exit codes: 0 ok, 2 bad input (one clear message on stderr, no traceback), 1 int
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -14,18 +13,15 @@ import threading
 from .. import __version__
 from ..errors import AstolfoError
 from . import analysis, app, lora, rebasin, repair
-from .common import DEFAULT_MODELS_DIR, THROTTLE_HELP, OneLineParser, memory_gb_arg, progress_printer, throttle_arg
-
-
-def _workers(text):
-    """--workers: 0 (auto) or a positive count."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (auto) or a positive integer, got {text!r}")
-    return value
+from .common import (
+    DEFAULT_MODELS_DIR,
+    THROTTLE_HELP,
+    OneLineParser,
+    memory_gb_arg,
+    progress_printer,
+    throttle_arg,
+    workers_arg,
+)
 
 
 def cmd_merge(args):
@@ -119,7 +115,7 @@ def build_parser():
     m.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     m.add_argument("--threads", type=int, default=0,
                    help="chunk worker threads (0 = auto = 1; more only pays off where ops are not GIL-bound)")
-    m.add_argument("--workers", type=_workers, default=0, metavar="N",
+    m.add_argument("--workers", type=workers_arg, default=0, metavar="N",
                    help="1 = in this process; N > 1 = N worker processes; 0 = auto (cores and --memory-gb allow)")
     m.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the tasks on Ray: the cluster at ADDRESS (e.g. HEAD:6379; inputs and output on a path "

@@ -58,3 +58,14 @@ def throttle_arg(text: str) -> float:
         return check_throttle(text, "--throttle")
     except OptionError as exc:
         raise argparse.ArgumentTypeError(exc.problem) from None
+
+
+def workers_arg(text):
+    """--workers: 0 (auto) or a positive count."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (auto) or a positive integer, got {text!r}")
+    return value

@@ -10,7 +10,8 @@ signatures, the key in flight stays marked partial (restore or the next merge re
 
 After a merge that finished, its workers are kept parked for KEEP_S seconds (`take_crew` /
 `keep_crew`): the next cell of a grid starts on them instead of waiting ~1.5 s for fresh
-interpreters to import torch. A restore, a different worker count or the timer closes them.
+interpreters to import torch; with automatic workers a merge with none parked runs in this process
+and starts them afterwards. A restore, a different worker count or the timer closes them.
 """
 from __future__ import annotations
 
@@ -27,16 +28,43 @@ _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float64, torch.float3
 
 
 class ChunkRun(TaskRun):
-    """The keys of `plan` on `crew`, copied into `tensors`; calls `on_start(key)` / `on_done(key)`."""
+    """The keys of `plan` on `crew`, written into `tensors`; calls `on_start(key)` / `on_done(key)`.
+
+    A chunk for a CPU tensor of its own dtype is read from the pipe straight into the tensor by the
+    worker's reading thread (`place`: no copy in this process, and the workers' pipes are read in
+    parallel); others (a GPU model, another dtype) arrive as buffers and are copied here (`_copy`).
+    A key is marked started before its first byte lands, and done after its last."""
 
     def __init__(self, plan, setup: dict, crew: Crew, tensors: dict, on_start, on_done, cancel):
         super().__init__(plan, dict(setup, send_chunks=True), crew, cancel)
         self.tensors, self.on_start, self.on_done = tensors, on_start, on_done
-        self.offsets, self.logs = {}, []
+        self.offsets, self.placed, self.logs = {}, {}, []
 
     def run(self) -> list:
-        self._run_tasks()
+        for w in self.workers:
+            w.sink = self
+        try:
+            self._run_tasks()
+        finally:
+            for w in self.workers:
+                w.sink = None
         return self.logs
+
+    def place(self, key, dtype, nbytes):
+        """(A worker's reading thread.) The bytes of `key`'s tensor this chunk fills, or None."""
+        tensor = self.tensors[key]
+        if tensor.device.type != "cpu" or tensor.dtype != _DTYPES[dtype]:
+            return None
+        if key not in self.placed:
+            self.on_start(key)
+        at, count = self.placed.get(key, 0), nbytes // tensor.element_size()
+        self.placed[key] = at + count
+        return tensor.detach().view(-1)[at:at + count].view(torch.uint8).numpy()
+
+    def rewind(self, key):
+        """(A worker's reading thread.) `key` starts over: its placed chunks are written again."""
+        if key in self.placed:
+            self.placed[key] = 0
 
     def _started(self, key):
         self.offsets[key] = 0
@@ -58,7 +86,7 @@ class ChunkRun(TaskRun):
                            + (f" while merging key '{w.key}'" if w.key else ""))
 
     def _copy(self, key, dtype, data):
-        chunk = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(_DTYPES[dtype])
+        chunk = torch.frombuffer(data, dtype=torch.uint8).view(_DTYPES[dtype])     # a bytearray: no copy
         flat = self.tensors[key].view(-1)
         at = self.offsets.get(key, 0)
         flat[at:at + chunk.numel()].copy_(chunk)
@@ -66,56 +94,88 @@ class ChunkRun(TaskRun):
 
 
 KEEP_S = 60.0
-_kept: dict = {"crew": None, "timer": None}
+_kept: dict = {"crew": None, "timer": None, "ready": None}     # ready: set once the crew is parked (or closed)
 _kept_lock = threading.Lock()
 
 
-def take_crew(count: int) -> Crew:
-    """`count` workers for a live merge: the kept crew when it has as many and all are alive, else a
-    fresh one (started at once: the interpreters import torch while the parent prepares)."""
-    crew = _take_kept()
-    if crew is not None and len(crew.workers) == count and crew.alive():
-        return crew
+def take_crew(count: int, wait: bool = True) -> Crew | None:
+    """`count` workers for a live merge: the kept crew when it has as many and all are alive. Else
+    with `wait` a fresh crew (its interpreters import torch while the parent prepares); without
+    (`--workers 0`: auto) None: the merge runs in this process and `warm_crew` starts workers for
+    the next one afterwards. Starting interpreters costs more than one merge gains from them (a full
+    SD1 weighted sum on 2 cores: ~3.3 s in-process, ~2.7 s on 2 parked workers, ~4.5 s on 2 fresh)."""
+    with _kept_lock:
+        crew, timer, ready = _kept["crew"], _kept["timer"], _kept["ready"]
+        if crew is not None and not wait and not ready.is_set() and len(crew.workers) == count:
+            return None              # still starting: this merge runs here, that crew serves the next
+        _kept.update(crew=None, timer=None, ready=None)
+    if timer is not None:
+        timer.cancel()
     if crew is not None:
+        ready.wait(timeout=30)
+        if len(crew.workers) == count and crew.alive():
+            return crew
         crew.close()
-    return Crew(count, keep=True)
+    return Crew(count, keep=True) if wait else None
 
 
-def keep_crew(crew: Crew):
-    """After a finished merge: park `crew` for the next one, closed after KEEP_S idle seconds."""
-    if not crew.settle():
-        return
-    timer = threading.Timer(KEEP_S, release_crew)
+def warm_crew(count: int):
+    """Start `count` workers in the background and park them for the next live merge (none are
+    started while one is kept)."""
+    if _kept["crew"] is None:
+        keep_crew(Crew(count, keep=True), background=True)
+
+
+def keep_crew(crew: Crew, background: bool = False):
+    """Park `crew` (after a finished merge, or freshly started in the `background`) for the next
+    live merge; closed after KEEP_S idle seconds."""
+    ready = threading.Event()
+    timer = threading.Timer(KEEP_S, _expire, args=(crew,))
     timer.daemon = True
     with _kept_lock:
-        old = _kept["crew"]
-        if _kept["timer"] is not None:
-            _kept["timer"].cancel()
-        _kept.update(crew=crew, timer=timer)
-    if old is not None:
+        old, old_timer = _kept["crew"], _kept["timer"]
+        _kept.update(crew=crew, timer=timer, ready=ready)
+    if old_timer is not None:
+        old_timer.cancel()
+    if old is not None and old is not crew:
         old.close()
-    timer.start()
+
+    def settle():
+        crew.settle()            # closes the crew when a worker died or did not answer
+        ready.set()
+        timer.start()
+
+    if background:
+        threading.Thread(target=settle, daemon=True, name="astolfo-crew-start").start()
+    else:
+        settle()
 
 
 def release_crew():
     """Close the kept crew now (after a grid's restore, on the timer, at shutdown)."""
-    crew = _take_kept()
+    with _kept_lock:
+        crew, timer = _kept["crew"], _kept["timer"]
+        _kept.update(crew=None, timer=None, ready=None)
+    if timer is not None:
+        timer.cancel()
     if crew is not None:
         crew.close()
 
 
-def kept_crew() -> Crew | None:
-    """The parked crew, if any (for tests and the tab's status)."""
-    return _kept["crew"]
-
-
-def _take_kept() -> Crew | None:
-    with _kept_lock:
-        crew, timer = _kept["crew"], _kept["timer"]
-        _kept.update(crew=None, timer=None)
-    if timer is not None:
-        timer.cancel()
+def kept_crew(wait: bool = False) -> Crew | None:
+    """The kept crew, if any (tests); `wait`: once it is parked."""
+    crew, ready = _kept["crew"], _kept["ready"]
+    if crew is not None and wait:
+        ready.wait(timeout=30)
     return crew
+
+
+def _expire(crew: Crew):
+    with _kept_lock:
+        if _kept["crew"] is not crew:
+            return
+        _kept.update(crew=None, timer=None, ready=None)
+    crew.close()
 
 
 def sub_plan(plan, keys: list):

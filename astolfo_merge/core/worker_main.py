@@ -20,37 +20,42 @@ from ..io.writer import RangeWriter
 from .devices import worker_device, worker_torch_settings
 from .key_chunks import write_key
 from .stage_run import Bindings
-from .worker_process import pack_error, read_frame, send_frame
+from .worker_process import RAW_KIND, pack_error, read_frame, send_frame, send_raw
 from .workers import ChunkWorkers, auto_workers
 
 
 class ChunkSender:
-    """A writer that sends a key's chunks to the parent ("chunk", key, dtype, bytes) instead of writing
-    a file, gathered into frames of about FRAME_BYTES (methods produce cache-sized chunks; a frame
-    each would cost more in pickling than in arithmetic); "rewind" when a key starts over."""
+    """A writer that sends a key's chunks to the parent (raw "chunk" messages: key, dtype, bytes)
+    instead of writing a file. Small chunks are gathered into one buffer of FRAME_BYTES (methods
+    produce cache-sized chunks; a message each would cost more than their arithmetic), larger ones
+    go straight from the tensor's memory; "rewind" when a key starts over."""
 
     FRAME_BYTES = 8 << 20
 
     def __init__(self, outbox):
-        self.outbox, self.key, self.dtype, self.parts, self.size = outbox, None, None, [], 0
+        self.outbox, self.key, self.dtype, self.size = outbox, None, None, 0
+        self.buffer = torch.empty(self.FRAME_BYTES, dtype=torch.uint8)
 
     def write(self, key, chunk: torch.Tensor):
         if key != self.key:
             self.flush()
             self.key, self.dtype = key, str(chunk.dtype).replace("torch.", "")
-        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        self.parts.append(data)
-        self.size += len(data)
-        if self.size >= self.FRAME_BYTES:
+        data = chunk.detach().contiguous().reshape(-1).view(torch.uint8)
+        if self.size + data.numel() > self.FRAME_BYTES:
             self.flush()
+        if data.numel() >= self.FRAME_BYTES:
+            send_raw(self.outbox, (RAW_KIND, key, self.dtype), data.numpy())
+            return
+        self.buffer[self.size:self.size + data.numel()].copy_(data)
+        self.size += data.numel()
 
     def flush(self):
-        if self.parts:
-            send_frame(self.outbox, ("chunk", self.key, self.dtype, b"".join(self.parts)))
-        self.parts, self.size = [], 0
+        if self.size:
+            send_raw(self.outbox, (RAW_KIND, self.key, self.dtype), self.buffer[:self.size].numpy())
+        self.size = 0
 
     def rewind(self, key):
-        self.parts, self.size = [], 0
+        self.size = 0
         send_frame(self.outbox, ("rewind", key))
 
     def close(self):

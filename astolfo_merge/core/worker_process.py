@@ -43,6 +43,12 @@ def usable_cores() -> int:
 
 
 # -- the wire: length-prefixed pickles over the worker's stdin / stdout ---------------------------
+# A "chunk" message (a live merge's output bytes) is a pickled header ("chunk", key, dtype, nbytes)
+# followed by the nbytes raw: written from the tensor's memory and read straight into the model's
+# tensor where the reader has a sink for it (live_workers.ChunkRun), else into one buffer; never pickled.
+RAW_KIND = "chunk"
+
+
 def frame(obj) -> bytes:
     """`obj` pickled with its length in front. Pickle in the thread that owns `obj`: a pickler walks
     an object's attribute dict by borrowed reference, so pickling on another thread while this one
@@ -56,8 +62,18 @@ def send_frame(stream, obj):
     stream.flush()
 
 
-def read_frame(stream):
-    """The next object, or None at end of stream."""
+def send_raw(stream, header: tuple, payload):
+    """A RAW_KIND message: `header` + the size of `payload` (a contiguous buffer), then its bytes."""
+    view = memoryview(payload).cast("B")
+    stream.write(frame(header + (view.nbytes,)))
+    stream.write(view)
+    stream.flush()
+
+
+def read_frame(stream, sink=None):
+    """The next object, or None at end of stream. A RAW_KIND message comes with its payload in place
+    of its size: a bytearray, or None when `sink.place(key, dtype, nbytes)` gave the buffer it was
+    read into; `sink.rewind(key)` sees each "rewind" first."""
     head = stream.read(8)
     if len(head) < 8:
         return None
@@ -65,7 +81,26 @@ def read_frame(stream):
     data = stream.read(size)
     if len(data) < size:
         return None
-    return pickle.loads(data)
+    obj = pickle.loads(data)
+    if obj[0] == RAW_KIND:
+        placed = sink.place(*obj[1:]) if sink is not None else None
+        payload = bytearray(obj[-1]) if placed is None else placed
+        if not _read_into(stream, memoryview(payload).cast("B")):
+            return None
+        obj = obj[:-1] + (payload if placed is None else None,)
+    elif obj[0] == "rewind" and sink is not None:
+        sink.rewind(obj[1])
+    return obj
+
+
+def _read_into(stream, view) -> bool:
+    got = 0
+    while got < view.nbytes:
+        n = stream.readinto(view[got:])
+        if not n:
+            return False
+        got += n
+    return True
 
 
 def pack_error(exc: BaseException) -> tuple:
@@ -96,12 +131,16 @@ class WorkerProcess:
 
     def __init__(self, index: int, inbox: queue.Queue):
         self.index, self.task, self.key, self.stopping, self.parked = index, None, None, False, False
+        self.sink = None            # where raw chunks land (read_frame), while a live merge runs
         self.stderr_tail = collections.deque(maxlen=20)
         self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(index)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
         self._outbox: queue.Queue = queue.Queue()
-        for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"), (self._feed, (), "-in")):
-            threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}").start()
+        self._threads = [threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}")
+                         for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"),
+                                                   (self._feed, (), "-in"))]
+        for thread in self._threads:
+            thread.start()
 
     def send(self, obj):
         """Queue a message: the pipe takes it while the worker may still be importing torch, so the
@@ -123,7 +162,7 @@ class WorkerProcess:
 
     def _pump(self, inbox):
         try:
-            while (msg := read_frame(self.proc.stdout)) is not None:
+            while (msg := read_frame(self.proc.stdout, self.sink)) is not None:
                 inbox.put((self, msg))
         except Exception as exc:  # noqa: BLE001 - a garbled stream is a dead worker
             self.stderr_tail.append(f"unreadable message: {exc}")
@@ -138,6 +177,7 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._threads[0].join(timeout=10)     # the reader: nothing lands in a sink after kill returns
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
                 stream.close()

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..core.devices import merge_torch_settings
-from ..core.live_workers import ChunkRun, keep_crew, release_crew, sub_plan, take_crew
+from ..core.live_workers import ChunkRun, keep_crew, release_crew, sub_plan, take_crew, warm_crew
 from ..core.metadata import output_metadata
 from ..core.plan_data import GIB, Plan
 from ..core.run_options import MergeResult, Progress, RunOptions
@@ -139,7 +139,7 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
     if not write:
         return
     processes = _process_count(plan, write, tensors, options)
-    crew = take_crew(processes) if processes else None   # first: fresh interpreters import torch meanwhile
+    crew = take_crew(processes, wait=bool(options.workers)) if processes else None   # live_workers.take_crew
     finished = False
     readers = [CheckpointReader(s.path, s.header) for s in plan.sources]
     pool = ChunkWorkers(options.threads or 1)
@@ -159,6 +159,8 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
             write_key(plan, kp, tensors[kp.key], readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
             state.merged[kp.key] = wanted[kp.key][1]
             report.tally(kp.key, math.prod(kp.shape) * kp.dtype.itemsize)
+        if processes:
+            warm_crew(processes)        # automatic workers: parked for the next merge (a grid's next cell)
     finally:
         if crew is not None:
             if finished:

@@ -24,6 +24,7 @@ class HostSettings:
     """Defaults for the tab's output form (the WebUI keeps them in its Settings)."""
     output_dir: str = ""        # empty: the models folder
     threads: int = 0            # 0: torch's default
+    workers: int = 0            # worker processes; 0: auto (RunOptions.workers)
     memory_gb: float = 1.5
     device: str = "cpu"
     precision: str = "fp64"
@@ -211,8 +212,8 @@ class Host:
 
     def run_options(self, overwrite=False, **overrides) -> RunOptions:
         s = self.settings()
-        values = {"device": s.device, "threads": s.threads, "memory_gb": s.memory_gb, "overwrite": overwrite,
-                  "throttle": s.throttle}
+        values = {"device": s.device, "threads": s.threads, "workers": s.workers, "memory_gb": s.memory_gb,
+                  "overwrite": overwrite, "throttle": s.throttle}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return RunOptions(**values)
 

@@ -251,3 +251,16 @@ def test_a_parked_worker_that_died_is_replaced_by_a_fresh_crew(models):
     assert_holds(tensors, file_merge(models, recipe(0.4), "ref.safetensors"))
     live_workers.release_crew()
     assert all(w.proc.poll() is not None for w in fresh.workers)
+
+
+@pytest.mark.slow
+def test_with_automatic_workers_a_merge_runs_here_and_parks_workers_for_the_next(models, monkeypatch):
+    monkeypatch.setattr(live, "auto_process_count", lambda *_: 2)     # the test models are below auto's threshold
+    tensors, target = loaded_model(models)
+    auto = RunOptions(hash_inputs=False, workers=0)
+    live.merge_into(target, plan_of(models, recipe(0.6)), auto)        # no workers parked yet: in this process
+    crew = live_workers.kept_crew(wait=True)
+    assert crew is not None and crew.alive()
+    live.merge_into(target, plan_of(models, recipe(0.2)), auto)        # on the parked workers
+    assert live_workers.kept_crew() is crew and crew.alive()
+    assert_holds(tensors, file_merge(models, recipe(0.2), "ref.safetensors"))

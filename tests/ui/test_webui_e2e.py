@@ -442,6 +442,14 @@ def file_digests(path) -> dict:
     return out
 
 
+def warm_page_cache(*paths):
+    """Read the inputs once, so both grids compare merge work, not which one read the disk first."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def folder_state(folder) -> dict:
     """Every file under `folder` (links not followed) with its size and mtime: what a merge would change."""
     out = {}
@@ -484,6 +492,7 @@ LOADED = re.compile(r"(?:Weights|Model) loaded in ([\d.]+)s")
 def test_an_xyz_grid_merges_into_the_loaded_model_without_files_and_restores_it(sd1):
     webui = sd1
     webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
+    warm_page_cache(webui.models / "rand_A.safetensors", webui.models / "rand_B.safetensors")
     before, offset = folder_state(webui.models), webui.log_size()
     live_images, live_infos, live_wall = alpha_grid(webui)
     log = webui.log_since(offset)

@@ -44,13 +44,16 @@ def test_settings_cover_output_folder_threads_memory_device_and_precision(webui)
     ns, glue = webui
     ns.callbacks["ui_settings"][0]()
     added = ns.shared.opts.added
-    assert set(added) == {"astolfo_merge_output_dir", "astolfo_merge_threads", "astolfo_merge_memory_gb",
+    assert set(added) == {"astolfo_merge_output_dir", "astolfo_merge_threads", "astolfo_merge_workers", "astolfo_merge_memory_gb",
                           "astolfo_merge_device", "astolfo_merge_precision", "astolfo_merge_xyz_target"}
     assert added["astolfo_merge_xyz_target"].default == "loaded model"
     assert all(info.section == ("astolfo_merge", "AstolfoMerge") for info in added.values())
     ns.shared.opts.astolfo_merge_memory_gb = 3.0
     ns.shared.opts.astolfo_merge_threads = 4
     assert glue.HOST.settings().memory_gb == 3.0 and glue.HOST.run_options().threads == 4
+    assert added["astolfo_merge_workers"].default == 0 and glue.HOST.run_options().workers == 0     # auto
+    ns.shared.opts.astolfo_merge_workers = 2
+    assert glue.HOST.run_options().workers == 2
 
 
 def test_merges_go_to_the_webui_checkpoint_folder_or_ckpt_dir(webui, tmp_path):
