@@ -395,6 +395,13 @@ def live_cell(recipe):
         state = target.state
         GRID.update(live=True, before=state.plan if state is not None and state.merged and state.complete else None)
     plan = trials.live_plan(HOST, recipe)
+    if not GRID.get("workers_started"):     # once per grid, before its first cell: no cell waits for them
+        GRID["workers_started"] = True
+        started = time.monotonic()
+        count = HOST.start_live_workers(plan, HOST.run_options())
+        if count:
+            print(f"AstolfoMerge: {AXIS_PREFIX} grid: {count} worker processes ready in "
+                  f"{time.monotonic() - started:.2f} s")
     result = HOST.merge_live(plan, HOST.run_options(), locked=False)   # the generation holds queue_lock
     print(f"AstolfoMerge: {AXIS_PREFIX} cell merged into the loaded model in {result.seconds:.2f} s "
           f"({result.keys} keys merged, {result.restored} restored, {result.kept} unchanged) {result.label}")
@@ -410,6 +417,7 @@ def after_grid():
     else:
         result = HOST.restore_live(locked=False)
         what = f"its checkpoint ({result.restored} keys restored)"
+    HOST.end_live_workers()
     print(f"AstolfoMerge: {AXIS_PREFIX} grid done; the loaded model holds {what} in {result.seconds:.2f} s")
 
 

@@ -10,8 +10,9 @@ signatures, the key in flight stays marked partial (restore or the next merge re
 
 After a merge that finished, its workers are kept parked for KEEP_S seconds (`take_crew` /
 `keep_crew`): the next cell of a grid starts on them instead of waiting ~1.5 s for fresh
-interpreters to import torch; with automatic workers a merge with none parked runs in this process
-and starts them afterwards. A restore, a different worker count or the timer closes them.
+interpreters to import torch. With automatic workers a merge with none parked runs in this process;
+a grid parks them before its first cell (`warm_crew`). A restore, a different worker count or the
+timer closes them.
 """
 from __future__ import annotations
 
@@ -101,9 +102,10 @@ _kept_lock = threading.Lock()
 def take_crew(count: int, wait: bool = True) -> Crew | None:
     """`count` workers for a live merge: the kept crew when it has as many and all are alive. Else
     with `wait` a fresh crew (its interpreters import torch while the parent prepares); without
-    (`--workers 0`: auto) None: the merge runs in this process and `warm_crew` starts workers for
-    the next one afterwards. Starting interpreters costs more than one merge gains from them (a full
-    SD1 weighted sum on 2 cores: ~3.3 s in-process, ~2.7 s on 2 parked workers, ~4.5 s on 2 fresh)."""
+    (`--workers 0`: auto) None: the merge runs in this process. Starting interpreters costs more
+    than one merge gains from them (a full SD1 weighted sum in fp64 on 2 cores: ~3.3 s in-process,
+    ~2.7 s on 2 parked workers, ~4.5 s on 2 fresh ones); a grid starts them once, before its first
+    cell (`warm_crew`)."""
     with _kept_lock:
         crew, timer, ready = _kept["crew"], _kept["timer"], _kept["ready"]
         if crew is not None and not wait and not ready.is_set() and len(crew.workers) == count:
@@ -119,16 +121,20 @@ def take_crew(count: int, wait: bool = True) -> Crew | None:
     return Crew(count, keep=True) if wait else None
 
 
-def warm_crew(count: int):
-    """Start `count` workers in the background and park them for the next live merge (none are
-    started while one is kept)."""
-    if _kept["crew"] is None:
-        keep_crew(Crew(count, keep=True), background=True)
+def warm_crew(count: int) -> bool:
+    """Start `count` workers and park them for the next live merges (unless such a crew is kept
+    already); True once they are parked. Never while the host computes: interpreters importing
+    torch next to a generation on all cores slowed its first image several times over (measured)."""
+    crew = kept_crew(wait=True)
+    if crew is None or len(crew.workers) != count or not crew.alive():
+        keep_crew(Crew(count, keep=True))
+    crew = kept_crew(wait=True)
+    return crew is not None and crew.alive()
 
 
-def keep_crew(crew: Crew, background: bool = False):
-    """Park `crew` (after a finished merge, or freshly started in the `background`) for the next
-    live merge; closed after KEEP_S idle seconds."""
+def keep_crew(crew: Crew):
+    """Park `crew` (after a finished merge, or freshly started) for the next live merge; closed
+    after KEEP_S idle seconds."""
     ready = threading.Event()
     timer = threading.Timer(KEEP_S, _expire, args=(crew,))
     timer.daemon = True
@@ -139,16 +145,9 @@ def keep_crew(crew: Crew, background: bool = False):
         old_timer.cancel()
     if old is not None and old is not crew:
         old.close()
-
-    def settle():
-        crew.settle()            # closes the crew when a worker died or did not answer
-        ready.set()
-        timer.start()
-
-    if background:
-        threading.Thread(target=settle, daemon=True, name="astolfo-crew-start").start()
-    else:
-        settle()
+    crew.settle()            # closes the crew when a worker died or did not answer
+    ready.set()
+    timer.start()
 
 
 def release_crew():

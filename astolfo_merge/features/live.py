@@ -81,6 +81,17 @@ def merge_into(target: LiveTarget, plan: Plan, options: RunOptions | None = None
         return _merge_into(target, plan, options, progress, cancel)
 
 
+def start_workers(target: LiveTarget, plan: Plan, options: RunOptions | None = None) -> int:
+    """Before a grid's first cell: start and park the worker processes its live merges of `plan`'s
+    kind will use (`options.workers`; 0: as many as cores and the budget allow), so no cell waits
+    for interpreters. Returns how many are parked (0: the cells run in this process)."""
+    options = options or RunOptions()
+    tensors = target.tensors()
+    keys = [kp for kp in plan.keys if kp.key in tensors]     # as a first cell writes them (_write_keys)
+    processes = _process_count(plan, keys, tensors, options) if keys else 0
+    return processes if processes and warm_crew(processes) else 0
+
+
 def _merge_into(target, plan, options, progress, cancel) -> LiveResult:
     start = time.monotonic()
     state = current_state(target)
@@ -159,8 +170,6 @@ def _write_keys(plan, write, wanted, state, tensors, report, options, device, dt
             write_key(plan, kp, tensors[kp.key], readers, dtype, device, chunk_bytes, log, cancel, bound, pool)
             state.merged[kp.key] = wanted[kp.key][1]
             report.tally(kp.key, math.prod(kp.shape) * kp.dtype.itemsize)
-        if processes:
-            warm_crew(processes)        # automatic workers: parked for the next merge (a grid's next cell)
     finally:
         if crew is not None:
             if finished:

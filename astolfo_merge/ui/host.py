@@ -97,6 +97,15 @@ class Host:
         with self.live_lock() if locked else contextlib.nullcontext():
             return merge_into(self.live_target(), plan, options, progress, cancel)
 
+    def start_live_workers(self, plan: Plan, options: RunOptions) -> int:
+        """Park the worker processes a grid's live cells will use (features/live.start_workers)."""
+        from ..features.live import start_workers
+        return start_workers(self.live_target(), plan, options)
+
+    def end_live_workers(self):
+        from ..core.live_workers import release_crew
+        release_crew()
+
     def restore_live(self, locked: bool = True):
         from ..features.live import restore
         with self.live_lock() if locked else contextlib.nullcontext():

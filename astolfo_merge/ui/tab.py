@@ -304,9 +304,9 @@ class MergerTab(LiveHandlers, FormHandlers, RunHandlers, RecipeHandlers):
         for row in self.comp.values():
             listen(row["mode"].change, self.on_component_mode, [row["mode"]], [row["take"], row["own"]])
             listen(row["mode"].change, self.on_method_lock, lock_inputs, self.method_controls())
+            listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
         if hasattr(self.pool_summary, "change"):   # the pool's architecture decides which components count
             listen(self.pool_summary.change, self.on_method_lock, lock_inputs, self.method_controls())
-            listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
         form, run = self.form_inputs(), self.run_inputs()
         listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
         listen(self.merge.click, self.on_merge_to, self.merge_inputs(), [self.message, self.recipe_json, self.progress])

@@ -254,13 +254,18 @@ def test_a_parked_worker_that_died_is_replaced_by_a_fresh_crew(models):
 
 
 @pytest.mark.slow
-def test_with_automatic_workers_a_merge_runs_here_and_parks_workers_for_the_next(models, monkeypatch):
+def test_with_automatic_workers_a_merge_runs_here_unless_a_grid_parked_workers_first(models, monkeypatch):
     monkeypatch.setattr(live, "auto_process_count", lambda *_: 2)     # the test models are below auto's threshold
     tensors, target = loaded_model(models)
     auto = RunOptions(hash_inputs=False, workers=0)
-    live.merge_into(target, plan_of(models, recipe(0.6)), auto)        # no workers parked yet: in this process
-    crew = live_workers.kept_crew(wait=True)
-    assert crew is not None and crew.alive()
-    live.merge_into(target, plan_of(models, recipe(0.2)), auto)        # on the parked workers
-    assert live_workers.kept_crew() is crew and crew.alive()
+    live.merge_into(target, plan_of(models, recipe(0.6)), auto)        # nothing parked: in this process
+    assert live_workers.kept_crew() is None
+    assert live.start_workers(target, plan_of(models, recipe(0.2)), auto) == 2      # a grid's start
+    crew = live_workers.kept_crew()
+    pids = [w.proc.pid for w in crew.workers]
+    runs = []
+    monkeypatch.setattr(live, "ChunkRun", lambda *a, **k: runs.append(a[2]) or live_workers.ChunkRun(*a, **k))
+    live.merge_into(target, plan_of(models, recipe(0.2)), auto)        # its cells: on the parked workers
+    assert runs == [crew] and live_workers.kept_crew() is crew and crew.alive()
+    assert [w.proc.pid for w in crew.workers] == pids
     assert_holds(tensors, file_merge(models, recipe(0.2), "ref.safetensors"))

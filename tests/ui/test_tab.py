@@ -395,3 +395,11 @@ def test_the_tab_answers_a_nan_budget_with_a_message_not_an_exception(models):
     form = Form(tab).pool("sd1-a.safetensors", "sd1-b.safetensors").set(tab.memory, float("nan"))
     message, _recipe = tab.on_check(*form.values)
     assert "memory budget" in message and "finite" in message
+
+
+def test_each_component_rows_method_choice_updates_its_own_form(tab):
+    for name, row in tab.comp.items():
+        wired = [d for d in tab.blocks.dependencies      # gradio 3.41's shape: targets, trigger
+                 if row["method"]._id in d["targets"] and d["trigger"] == "input"]
+        assert len(wired) == 1, name
+        assert wired[0]["outputs"] == [c._id for c in row["form"].components], name
