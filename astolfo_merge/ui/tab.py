@@ -290,23 +290,27 @@ class MergerTab(LiveHandlers, FormHandlers, RunHandlers, RecipeHandlers):
 
     def _wire(self):
         pool_out = self.pool_change_outputs()
+        lock_inputs = [self.method, self.selection, *[row["mode"] for row in self.comp.values()]]
+
+        def then_lock(dep):
+            """After an event that changes the pool: which method controls count (not on the pool
+            summary's own change: gradio 4 fires a Markdown's change on every re-render, looping)."""
+            listen(dep.then, self.on_method_lock, lock_inputs, self.method_controls(), show_progress="hidden")
+
         listen(self.filter.change, self.on_filter, [self.filter, self.selection], [self.pool])
-        listen(self.pool.input, self.on_pool_input, [self.pool, self.filter, *self.pool_context()], pool_out)
-        listen(self.select_shown.click, self.on_select_shown, [self.filter, *self.pool_context()], pool_out)
-        listen(self.select_none.click, self.on_select_none, [self.filter, *self.pool_context()], pool_out)
-        listen(self.base.change, self.on_base_change, [self.selection, self.base], [self.pool_summary])
+        then_lock(listen(self.pool.input, self.on_pool_input, [self.pool, self.filter, *self.pool_context()], pool_out))
+        then_lock(listen(self.select_shown.click, self.on_select_shown, [self.filter, *self.pool_context()], pool_out))
+        then_lock(listen(self.select_none.click, self.on_select_none, [self.filter, *self.pool_context()], pool_out))
+        then_lock(listen(self.base.change, self.on_base_change, [self.selection, self.base], [self.pool_summary]))
         listen(self.refresh.click, self.on_refresh, [self.filter, self.selection], self.list_outputs())
         # `.input` (user edits only): loading a recipe sets the method *and* its parameters.
         listen(self.method.input, self.on_method, [self.method, self.selection, self.output_name, self.auto_name],
                [*self.main_form.components, self.method_help, self.mbw.enabled, self.output_name, self.auto_name])
         listen(self.mbw.preset.change, self.on_preset, [self.mbw.preset, self.selection], self.mbw.components)
-        lock_inputs = [self.method, self.selection, *[row["mode"] for row in self.comp.values()]]
         for row in self.comp.values():
             listen(row["mode"].change, self.on_component_mode, [row["mode"]], [row["take"], row["own"]])
-            listen(row["mode"].change, self.on_method_lock, lock_inputs, self.method_controls())
+            listen(row["mode"].change, self.on_method_lock, lock_inputs, self.method_controls(), show_progress="hidden")
             listen(row["method"].input, self.component_method_handler(row), [row["method"]], row["form"].components)
-        if hasattr(self.pool_summary, "change"):   # the pool's architecture decides which components count
-            listen(self.pool_summary.change, self.on_method_lock, lock_inputs, self.method_controls())
         form, run = self.form_inputs(), self.run_inputs()
         listen(self.check.click, self.on_check, form + run, [self.message, self.recipe_json])
         listen(self.merge.click, self.on_merge_to, self.merge_inputs(), [self.message, self.recipe_json, self.progress])
@@ -322,10 +326,10 @@ class MergerTab(LiveHandlers, FormHandlers, RunHandlers, RecipeHandlers):
         listen(self.save_recipe.click, self.on_save_recipe, [self.recipe_name] + form,
                [self.message, self.recipe_json, self.recipe_file, self.saved_recipes])
         load_out = self.load_recipe_outputs()
-        listen(self.load_saved.click, self.on_load_saved, [self.saved_recipes, self.filter], load_out)
-        listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
-               self.on_upload, [self.upload, self.filter], load_out)
-        listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out)
+        then_lock(listen(self.load_saved.click, self.on_load_saved, [self.saved_recipes, self.filter], load_out))
+        then_lock(listen(self.upload.upload if hasattr(self.upload, "upload") else self.upload.change,
+                         self.on_upload, [self.upload, self.filter], load_out))
+        then_lock(listen(self.load_embedded.click, self.on_load_embedded, [self.recipe_source, self.filter], load_out))
         for panel in self.panels.values():     # a repaired file joins every list of the tab and the WebUI's
             done = getattr(panel, "run_event", None)
             if done is not None and hasattr(done, "then"):
