@@ -222,13 +222,19 @@ def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(model
     assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))
 
 
-@pytest.mark.slow
-def test_a_grid_of_live_merges_reuses_its_parked_workers_and_a_restore_ends_them(models):
+def parked_after_a_merge(models, workers=2):
+    """A loaded model after one live merge on `workers` processes: (tensors, target, options, the parked crew)."""
     tensors, target = loaded_model(models)
-    options = RunOptions(hash_inputs=False, workers=2)
+    options = RunOptions(hash_inputs=False, workers=workers)
     live.merge_into(target, plan_of(models, recipe(0.6)), options)
     crew = live_workers.kept_crew()
     assert crew is not None and crew.alive()
+    return tensors, target, options, crew
+
+
+@pytest.mark.slow
+def test_a_grid_of_live_merges_reuses_its_parked_workers_and_a_restore_ends_them(models):
+    tensors, target, options, crew = parked_after_a_merge(models)
     pids = [w.proc.pid for w in crew.workers]
     live.merge_into(target, plan_of(models, recipe(0.2)), options)        # the next cell: the same interpreters
     assert live_workers.kept_crew() is crew and [w.proc.pid for w in crew.workers] == pids
@@ -239,10 +245,7 @@ def test_a_grid_of_live_merges_reuses_its_parked_workers_and_a_restore_ends_them
 
 @pytest.mark.slow
 def test_a_parked_worker_that_died_is_replaced_by_a_fresh_crew(models):
-    tensors, target = loaded_model(models)
-    options = RunOptions(hash_inputs=False, workers=2)
-    live.merge_into(target, plan_of(models, recipe(0.6)), options)
-    crew = live_workers.kept_crew()
+    tensors, target, options, crew = parked_after_a_merge(models)
     crew.workers[0].proc.kill()
     crew.workers[0].proc.wait()
     live.merge_into(target, plan_of(models, recipe(0.4)), options)
