@@ -484,6 +484,18 @@ def alpha_grid(webui) -> tuple:
     return images[-len(ALPHAS):], infos[-len(ALPHAS):], time.monotonic() - started
 
 
+def file_target_grid(webui) -> tuple:
+    """The alpha grid with the file target chosen (the loaded model again afterwards): (cell pixels,
+    wall seconds, the WebUI's log of the grid)."""
+    webui.api("/sdapi/v1/options", data={LIVE_OPTION: FILE_CHOICE})
+    offset = webui.log_size()
+    try:
+        images, _infos, wall = alpha_grid(webui)
+    finally:
+        webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
+    return images, wall, webui.log_since(offset)
+
+
 LIVE_CELL = re.compile(r"\[Merger\] cell merged into the loaded model in ([\d.]+) s \((\d+) keys merged")
 FILE_CELL = re.compile(r"\[Merger\] cell merged (_merger_trials/)?\S+ in ([\d.]+) s")
 LOADED = re.compile(r"(?:Weights|Model) loaded in ([\d.]+)s")
@@ -509,13 +521,7 @@ def test_an_xyz_grid_merges_into_the_loaded_model_without_files_and_restores_it(
     assert loaded_digests(webui) == file_digests(pathlib.Path(SD1_MODELS, "rand_A.safetensors"))
 
     # the same grid with a file per cell: merge + write (+ hash) + the WebUI's load
-    webui.api("/sdapi/v1/options", data={LIVE_OPTION: FILE_CHOICE})
-    offset = webui.log_size()
-    try:
-        file_images, _infos, file_wall = alpha_grid(webui)
-    finally:
-        webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
-    log = webui.log_since(offset)
+    file_images, file_wall, log = file_target_grid(webui)
     merges = [float(m.group(2)) for m in FILE_CELL.finditer(log)]
     loads = [float(m.group(1)) for m in LOADED.finditer(log)][:len(ALPHAS)]
     assert len(merges) == len(loads) == len(ALPHAS), log[-3000:]
@@ -597,13 +603,7 @@ def test_on_forge_an_xyz_grid_with_the_default_target_merges_file_cells_and_says
     assert not webui.our_errors(offset), webui.our_errors(offset)
 
     # the same grid with the file target chosen: every cell reuses its file, the same pixels
-    webui.api("/sdapi/v1/options", data={LIVE_OPTION: FILE_CHOICE})
-    offset = webui.log_size()
-    try:
-        again, _infos, wall_again = alpha_grid(webui)
-    finally:
-        webui.api("/sdapi/v1/options", data={LIVE_OPTION: "loaded model"})
-    log_again = webui.log_since(offset)
+    again, wall_again, log_again = file_target_grid(webui)
     reused = [float(m.group(2)) for m in REUSED_CELL.finditer(log_again)]
     assert len(reused) == len(ALPHAS) and not FILE_CELL.search(log_again), log_again[-3000:]
     assert FALLBACK_NOTE not in log_again
