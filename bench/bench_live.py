@@ -16,16 +16,13 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from astolfo_merge.core import live_workers
-from astolfo_merge.core.plan import build_plan
-from astolfo_merge.core.recipe import parse_recipe
-from astolfo_merge.core.run_options import RunOptions
-from astolfo_merge.features import live, live_state
-
-from common import GIB, make_inputs, warm  # noqa: I001 - common puts the repository on sys.path
+from common import GIB, make_inputs, warm
 
 
 def cells(target, folder, names, precision, options, count, before=None) -> list:
+    from astolfo_merge.core.plan import build_plan
+    from astolfo_merge.core.recipe import parse_recipe
+    from astolfo_merge.features import live
     out = []
     for i in range(count):
         recipe = parse_recipe({"pool": names, "method": "weighted_sum", "params": {"alpha": 0.1 + 0.8 * i / count},
@@ -48,6 +45,11 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--memory-gb", type=float, default=1.5)
     args = p.parse_args(argv)
+    from astolfo_merge.core import live_workers  # after common: it puts the repository on sys.path
+    from astolfo_merge.core.plan import build_plan
+    from astolfo_merge.core.recipe import parse_recipe
+    from astolfo_merge.core.run_options import RunOptions
+    from astolfo_merge.features import live, live_state
     paths = make_inputs(args.folder, 1, args.arch)
     names = [os.path.basename(x) for x in paths]
     warm(paths)

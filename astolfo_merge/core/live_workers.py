@@ -33,13 +33,15 @@ class ChunkRun(TaskRun):
 
     A chunk for a CPU tensor of its own dtype is read from the pipe straight into the tensor by the
     worker's reading thread (`place`: no copy in this process, and the workers' pipes are read in
-    parallel); others (a GPU model, another dtype) arrive as buffers and are copied here (`_copy`).
-    A key is marked started before its first byte lands, and done after its last."""
+    parallel); one in another dtype (an fp16 output in an fp32 model) is read into that thread's
+    scratch buffer and widened into the tensor there; a GPU model's arrive as buffers and are copied
+    here (`_copy`). A key is marked started before its first byte lands, and done after its last."""
 
     def __init__(self, plan, setup: dict, crew: Crew, tensors: dict, on_start, on_done, cancel):
         super().__init__(plan, dict(setup, send_chunks=True), crew, cancel)
         self.tensors, self.on_start, self.on_done = tensors, on_start, on_done
         self.offsets, self.placed, self.logs = {}, {}, []
+        self.scratch = threading.local()
 
     def run(self) -> list:
         for w in self.workers:
@@ -53,14 +55,21 @@ class ChunkRun(TaskRun):
 
     def place(self, key, dtype, nbytes):
         """(A worker's reading thread.) The bytes of `key`'s tensor this chunk fills, or None."""
-        tensor = self.tensors[key]
-        if tensor.device.type != "cpu" or tensor.dtype != _DTYPES[dtype]:
+        tensor, source = self.tensors[key], _DTYPES[dtype]
+        if tensor.device.type != "cpu":
             return None
         if key not in self.placed:
             self.on_start(key)
-        at, count = self.placed.get(key, 0), nbytes // tensor.element_size()
+        at, count = self.placed.get(key, 0), nbytes // source.itemsize
         self.placed[key] = at + count
-        return tensor.detach().view(-1)[at:at + count].view(torch.uint8).numpy()
+        target = tensor.detach().view(-1)[at:at + count]
+        if tensor.dtype == source:
+            return target.view(torch.uint8).numpy()
+        scratch = getattr(self.scratch, "buffer", None)
+        if scratch is None or len(scratch) < nbytes:
+            scratch = self.scratch.buffer = bytearray(nbytes)
+        return memoryview(scratch)[:nbytes], lambda: target.copy_(
+            torch.frombuffer(scratch, dtype=torch.uint8, count=nbytes).view(source))
 
     def rewind(self, key):
         """(A worker's reading thread.) `key` starts over: its placed chunks are written again."""
@@ -77,7 +86,7 @@ class ChunkRun(TaskRun):
         return 1
 
     def _other(self, msg):
-        if msg[0] == "chunk":
+        if msg[0] == "chunk" and msg[3] is not None:      # None: placed by the reading thread already
             self._copy(*msg[1:])
         elif msg[0] == "rewind":
             self.offsets[msg[1]] = 0

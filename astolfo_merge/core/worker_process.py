@@ -73,7 +73,8 @@ def send_raw(stream, header: tuple, payload):
 def read_frame(stream, sink=None):
     """The next object, or None at end of stream. A RAW_KIND message comes with its payload in place
     of its size: a bytearray, or None when `sink.place(key, dtype, nbytes)` gave the buffer it was
-    read into; `sink.rewind(key)` sees each "rewind" first."""
+    read into (or a buffer and what to call once it is full); `sink.rewind(key)` sees each "rewind"
+    first."""
     head = stream.read(8)
     if len(head) < 8:
         return None
@@ -84,9 +85,12 @@ def read_frame(stream, sink=None):
     obj = pickle.loads(data)
     if obj[0] == RAW_KIND:
         placed = sink.place(*obj[1:]) if sink is not None else None
+        placed, then = placed if isinstance(placed, tuple) else (placed, None)
         payload = bytearray(obj[-1]) if placed is None else placed
         if not _read_into(stream, memoryview(payload).cast("B")):
             return None
+        if then is not None:
+            then()
         obj = obj[:-1] + (payload if placed is None else None,)
     elif obj[0] == "rewind" and sink is not None:
         sink.rewind(obj[1])

@@ -222,6 +222,17 @@ def test_keys_computed_in_worker_processes_come_back_over_the_pipe_exactly(model
     assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_worker_chunks_land_in_the_weights_in_the_models_dtype_or_widened_to_it(models, dtype):
+    """fp16 outputs into an fp16 model: read from the pipe straight into the weights; into an fp32
+    model (--no-half): widened by the pipe's reading thread."""
+    tensors, target = loaded_model(models, dtype)
+    live.merge_into(target, plan_of(models, recipe(0.6)), RunOptions(hash_inputs=False, workers=2))
+    assert live_state.PARTIAL not in target.state.merged.values()
+    assert_holds(tensors, file_merge(models, recipe(0.6), "ref.safetensors"))
+
+
 def parked_after_a_merge(models, workers=2):
     """A loaded model after one live merge on `workers` processes: (tensors, target, options, the parked crew)."""
     tensors, target = loaded_model(models)
