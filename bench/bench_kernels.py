@@ -90,10 +90,10 @@ class HalfInputs(KeyInputs):
     def pool_dtypes(self):
         return (torch.float16,) * self.n
 
-    def chunks(self, resident):
+    def chunks(self, resident, tile=None):
         """key_inputs.FileKeyInputs.chunks with one chunk in flight."""
-        from astolfo_merge.methods.shapes import row_spans
-        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes)
+        from astolfo_merge.methods.shapes import CACHE_TILE, row_spans
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=tile or CACHE_TILE)
 
     def log(self, message):
         self.messages.append(message)

@@ -15,7 +15,7 @@ import torch
 from ..io.header import FP8_DTYPES
 from ..methods import KeyInputs
 from ..methods.registry import add_in_order
-from ..methods.shapes import row_spans
+from ..methods.shapes import CACHE_TILE, Tile, row_spans
 from .devices import host_buffer
 from .plan_data import KeyPlan, Plan, key_seed
 from .stage_run import Bindings
@@ -224,10 +224,11 @@ class FileKeyInputs(KeyInputs):
         return add_in_order(rows[0].clone(), zip(rows[1:], (weights[i] for i in used[1:])),
                             weights[used[0]]).reshape(shape)
 
-    def chunks(self, resident: int):
-        """shapes.row_spans with this key's budget, cache bound, and room for every span in flight."""
+    def chunks(self, resident: int, tile: Tile = CACHE_TILE):
+        """shapes.row_spans with this key's budget, the cache `tile`, and room for every span in flight."""
         in_flight = self._workers.in_flight if self._workers else 1
-        return row_spans(self.shape, self.dtype.itemsize, resident, self._chunk_bytes, in_flight=in_flight)
+        return row_spans(self.shape, self.dtype.itemsize, resident, self._chunk_bytes, in_flight=in_flight,
+                         cache=tile)
 
     def imap(self, fn, spans):
         if self._workers is None:

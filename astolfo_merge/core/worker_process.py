@@ -5,6 +5,7 @@ plain data). What they run and how the parent supervises a merge is in executors
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import pickle
 import queue
@@ -17,9 +18,15 @@ import time
 
 from ..errors import AstolfoError
 
+try:
+    import fcntl
+except ImportError:             # Windows
+    fcntl = None
+
 WORKER_MODULE = "astolfo_merge.core.worker_main"
 WORKER_CHUNK_BYTES = 64 << 20       # the smallest chunk budget a worker is planned with
 AUTO_MIN_OUTPUT_BYTES = 64 << 20    # auto: smaller merges run in-process (starting a worker costs ~1 s)
+PIPE_BYTES = 1 << 20                # a worker's stdout pipe (Linux; unprivileged limit: fs/pipe-max-size)
 
 
 class WorkerError(AstolfoError):
@@ -97,6 +104,16 @@ def read_frame(stream, sink=None):
     return obj
 
 
+def widen_pipe(stream):
+    """Give the pipe under `stream` PIPE_BYTES of buffer where the OS allows it (Linux), else leave
+    it. A live merge's chunks (2.1 GB for SD1) cross a worker's stdout: through Linux's default
+    64 KiB pipe that took 2.1-2.8 s of copying and wake-ups on the 2-core machine, through 1 MiB 1.0 s."""
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if setsize is not None:
+        with contextlib.suppress(OSError):      # above the system's pipe-max-size: keep the default
+            fcntl.fcntl(stream.fileno(), setsize, PIPE_BYTES)
+
+
 def _read_into(stream, view) -> bool:
     got = 0
     while got < view.nbytes:
@@ -139,6 +156,7 @@ class WorkerProcess:
         self.stderr_tail = collections.deque(maxlen=20)
         self.proc = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(index)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=worker_env())
+        widen_pipe(self.proc.stdout)
         self._outbox: queue.Queue = queue.Queue()
         self._threads = [threading.Thread(target=target, args=args, daemon=True, name=f"astolfo-worker-{index}{tag}")
                          for target, args, tag in ((self._pump, (inbox,), ""), (self._drain_stderr, (), "-err"),

@@ -245,8 +245,9 @@ class KeyInputs:
         computation is exact in any order (e.g. any sum of up to 8192 fp16 values in fp64)."""
         return (self.dtype,) * self.n
 
-    def chunks(self, resident: int):
-        """Row ranges such that `resident` compute-dtype chunks fit the budget."""
+    def chunks(self, resident: int, tile=None):
+        """Row ranges such that `resident` compute-dtype chunks fit the budget (and, where the inputs
+        bound chunks by the cache, the shapes.Tile `tile`)."""
         raise NotImplementedError
 
     def imap(self, fn: Callable[[int, int], object], spans) -> Iterator:
@@ -287,10 +288,10 @@ class TensorInputs(KeyInputs):
     def pool_dtypes(self):
         return tuple(t.dtype for t in self.tensors)
 
-    def chunks(self, resident):
-        """Like the engine's (`resident` chunks fit the budget), without its cache bound: whole keys
-        unless `chunk_rows` or `budget_bytes` says otherwise."""
-        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=False,
+    def chunks(self, resident, tile=None):
+        """Like the engine's (`resident` chunks fit the budget), without its cache bound (`tile`):
+        whole keys unless `chunk_rows` or `budget_bytes` says otherwise."""
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=None,
                          max_rows=self.chunk_rows)
 
     def log(self, message):

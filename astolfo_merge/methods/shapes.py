@@ -37,11 +37,32 @@ WHOLE_COPIES_FIT = 4          # a dense factorisation (an SVD) holds about 4 cop
 
 Count = Callable[[int], int]  # N models -> a number of tensors
 
-# Chunk size per tensor: what a method holds of one chunk (`resident` tensors) should stay in cache,
-# but each op also costs ~5-10 us of dispatch, so chunks must not get too small either.
-CACHE_FRIENDLY_ELEMENTS = 1 << 16   # at most 512 KiB of fp64 per tensor: measured fastest per element
-CHUNK_CACHE_BYTES = 2 << 20         # all `resident` tensors of one chunk together
 MIN_CHUNK_ELEMENTS = 1 << 14        # below this, per-op overhead dominates
+
+
+@dataclass(frozen=True)
+class Tile:
+    """The cache bound of a row chunk: what a method holds of one chunk (`resident` tensors) should
+    stay in cache, but each op also costs ~5-10 us of dispatch, so chunks must not get too small either.
+
+    elements  at most this many elements per tensor;
+    bytes     all `resident` tensors of one chunk together."""
+    elements: int
+    bytes: int
+
+    def rows(self, row_elems: int, resident: int, itemsize: int) -> int:
+        per_tensor = min(self.elements, max(MIN_CHUNK_ELEMENTS, self.bytes // (resident * itemsize)))
+        return max(1, per_tensor // row_elems)
+
+
+# Passes that accumulate over chunks (statistics, Gram products, sums over rows) give bits that
+# depend on where the chunks end: their tile is fixed for good (512 KiB of fp64 per tensor).
+CACHE_TILE = Tile(1 << 16, 2 << 20)
+# Elementwise passes give the same bits whatever the chunking, so their tile follows the speed
+# alone: 4x larger computed a full-size SD1 weighted sum (fp64, 2 models, one thread) in 2.89 s
+# against 3.38 s (median of 5; the chunks' tensors then sit in L3, not L2, but a quarter of the ops
+# are dispatched); tests/methods/test_shapes.py checks the bits of every elementwise method.
+ELEMENTWISE_TILE = Tile(1 << 18, 8 << 20)
 
 
 @dataclass(frozen=True)
@@ -96,19 +117,18 @@ def iterative(resident, *, direct=None, workspace=None) -> Shape:
 # --- chunking and residency -----------------------------------------------------------------------
 
 def row_spans(tensor_shape, itemsize: int, resident: int, budget: int | None, *, in_flight: int = 1,
-              cache: bool = True, max_rows: int | None = None) -> list:
+              cache: Tile | None = CACHE_TILE, max_rows: int | None = None) -> list:
     """Row ranges [(start, stop)] of a key such that `resident` chunk-sized tensors of `itemsize`
     bytes per element fit `budget` bytes (None: unbounded) for each of `in_flight` spans worked on at
-    once; with `cache`, also small enough to stay in cache; a row is never split. The one chunking
-    rule: the engine's and the in-memory inputs (KeyInputs.chunks) both ask it."""
+    once; with a `cache` tile, also small enough to stay in cache; a row is never split. The one
+    chunking rule: the engine's and the in-memory inputs (KeyInputs.chunks) both ask it."""
     rows = tensor_shape[0] if tensor_shape else 1
     row_elems = max(1, math.prod(tensor_shape[1:])) if tensor_shape else 1
     step = rows if max_rows is None else max_rows
     if budget is not None:
         step = min(step, budget // max(1, in_flight * resident * row_elems * itemsize))
-    if cache:
-        per_tensor = min(CACHE_FRIENDLY_ELEMENTS, max(MIN_CHUNK_ELEMENTS, CHUNK_CACHE_BYTES // (resident * itemsize)))
-        step = min(step, max(1, per_tensor // row_elems))
+    if cache is not None:
+        step = min(step, cache.rows(row_elems, resident, itemsize))
     step = max(1, min(rows, step))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
 
@@ -118,7 +138,8 @@ def spans(inputs, shape: Shape, stage: str = "main") -> list:
     time) or "direct" (the whole key, when it fits)."""
     resident = {"main": shape.resident, "statistic": shape.statistic or (lambda n: STATISTIC_RESIDENT),
                 "direct": shape.direct or shape.resident}[stage]
-    return inputs.chunks(resident=resident(inputs.n))
+    tile = ELEMENTWISE_TILE if shape.kind == ELEMENTWISE and stage == "main" else CACHE_TILE
+    return inputs.chunks(resident=resident(inputs.n), tile=tile)
 
 
 def stream(inputs, shape: Shape, rows: Callable[[int, int], torch.Tensor]) -> Iterator[torch.Tensor]:

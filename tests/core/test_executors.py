@@ -203,6 +203,20 @@ def test_user_errors_cross_the_pipe_with_their_class_and_fields():
     assert isinstance(internal, RuntimeError) and "ZeroDivisionError: boom" in str(internal)
 
 
+@pytest.mark.skipif(getattr(worker_process.fcntl, "F_GETPIPE_SZ", None) is None, reason="Linux pipes only")
+def test_a_workers_output_pipe_is_widened_where_the_os_allows_and_left_alone_where_not():
+    read, write = os.pipe()
+    with os.fdopen(read, "rb") as stream, os.fdopen(write, "wb"):
+        worker_process.widen_pipe(stream)
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            allowed = int(f.read()) >= worker_process.PIPE_BYTES or os.geteuid() == 0
+        size = worker_process.fcntl.fcntl(read, worker_process.fcntl.F_GETPIPE_SZ)
+        assert size == worker_process.PIPE_BYTES if allowed else size < worker_process.PIPE_BYTES
+        worker_process.widen_pipe(stream)       # the same size again, or one above the limit: no error
+    with open(os.devnull, "rb") as not_a_pipe:
+        worker_process.widen_pipe(not_a_pipe)
+
+
 # -- faults --------------------------------------------------------------------------------------------
 def _after_keys(n, action):
     """A progress callback that runs `action` once, when n keys are done."""

@@ -4,8 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from astolfo_merge.methods import TensorInputs
+from astolfo_merge.methods import METHODS, TensorInputs, apply
 from astolfo_merge.methods.shapes import (
+    CACHE_TILE,
+    ELEMENTWISE,
+    ELEMENTWISE_TILE,
     GramMath,
     Shape,
     combine_rows,
@@ -15,6 +18,7 @@ from astolfo_merge.methods.shapes import (
     iterative,
     key_peak_bytes,
     row_spans,
+    spans,
     two_pass,
 )
 
@@ -32,8 +36,40 @@ def test_row_spans_cover_every_row_once_and_fit_the_budget_per_span_in_flight(re
 def test_row_spans_bound_a_chunk_by_the_cache_unless_told_not_to():
     shape = (4096, 64)                                     # 262144 fp64 elements: more than one cache-sized chunk
     assert len(row_spans(shape, 8, 3, None)) > 1
-    assert row_spans(shape, 8, 3, None, cache=False) == [(0, 4096)]
+    assert row_spans(shape, 8, 3, None, cache=None) == [(0, 4096)]
     assert row_spans((), 8, 3, 1) == [(0, 1)] and row_spans((0, 5), 8, 3, None) == [(0, 0)]
+
+
+ELEMENTWISE_METHODS = [m for m in METHODS.values() if m.shape.kind == ELEMENTWISE]
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE_METHODS, ids=lambda m: m.name)
+def test_every_elementwise_method_gives_the_same_bits_whatever_the_chunking(method):
+    """What lets elementwise passes take a larger cache tile than the others (ELEMENTWISE_TILE)."""
+    gen = torch.Generator().manual_seed(3)
+    n = min(max(method.min_models, 3), method.max_models or 3)
+    base = torch.randn(37, 5, 3, generator=gen, dtype=torch.float64).half()
+    tensors = [base + 0.05 * torch.randn(base.shape, generator=gen, dtype=torch.float64).half() for _ in range(n)]
+    whole = apply(method, tensors, base, seed=7, recipe_seed=11)
+    for rows in (1, 4, 16):
+        assert torch.equal(apply(method, tensors, base, seed=7, recipe_seed=11, chunk_rows=rows), whole), rows
+
+
+def test_elementwise_passes_take_the_larger_tile_and_the_others_keep_theirs():
+    key = (1280, 1280, 3, 3)
+    assert ELEMENTWISE_TILE.rows(11520, 3, 8) > CACHE_TILE.rows(11520, 3, 8) >= 1
+    asked = []
+
+    class Inputs:
+        n = 2
+
+        def chunks(self, resident, tile):
+            asked.append(tile)
+            return row_spans(key, 8, resident, None, cache=tile)
+    spans(Inputs(), elementwise(3))
+    spans(Inputs(), two_pass(3))
+    spans(Inputs(), elementwise(3), "statistic")
+    assert asked == [ELEMENTWISE_TILE, CACHE_TILE, CACHE_TILE]
 
 
 def weighted_mean(weights):
