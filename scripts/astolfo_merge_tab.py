@@ -13,8 +13,8 @@ backend's. Contract followed: shared/design/A1111.md (v1.10.1) and HOSTS.md (For
   WebUI's hash cache and the checkpoint list is refreshed so that every title another tab holds
   stays valid (§3.4, §3.6, §4 item 9);
 - the merge thread and its state live in the package, so "Reload UI" does not orphan them (§1.2, §5.5);
-- XYZ axes are added in `on_before_ui` with a prefix check, files merged per cell and cached by
-  recipe hash (§6.2, §6.4).
+- XYZ axes are added in `on_before_ui` with a prefix check; what a cell does (merge into the loaded
+  model, or a file cached by recipe hash) is features/xyz.py's, with this host's answers (§6.2, §6.4).
 """
 from __future__ import annotations
 
@@ -32,14 +32,12 @@ from modules import cache, call_queue, paths, script_callbacks, scripts, sd_mode
 import astolfo_merge.features.live as merger_live
 import astolfo_merge.features.live_state as live_state
 import astolfo_merge.features.live_webui as live_webui
-import astolfo_merge.features.trials as trials
+import astolfo_merge.features.xyz as xyz_axes
 import astolfo_merge.ui.tab as merger_ui
-from astolfo_merge.errors import RecipeError
 from astolfo_merge.ui.host import Host, HostSettings
 
 # Not "Merger": A1111 and Forge Neo have a built-in "Checkpoint Merger" tab beside it.
 TAB_TITLE, TAB_ID = "AstolfoMerge", "astolfo_merge"
-AXIS_PREFIX = "[Merger]"
 SECTION = ("astolfo_merge", "AstolfoMerge", "system")
 OPTIONS = {  # key -> (default, label, component, component args)
     "astolfo_merge_output_dir": ("", "AstolfoMerge: output folder (empty: the checkpoint folder)", None, None),
@@ -192,8 +190,8 @@ class WebuiHost(Host):
     title = "AstolfoMerge (WebUI)"
     has_loaded_model = True
 
-    def live_target(self):
-        return live_target()
+    def live_target(self, load: bool = False):
+        return live_target(load)
 
     def live_lock(self):
         return call_queue.queue_lock
@@ -204,8 +202,26 @@ class WebuiHost(Host):
 
     @property
     def has_xyz(self) -> bool:
-        xyz = xyz_module()
-        return xyz is not None and hasattr(xyz, "AxisOption") and hasattr(xyz, "axis_options")
+        return xyz_axes.has_axes_api(xyz_module())
+
+    def xyz_cells_live(self) -> bool:
+        """Whether [Merger] cells merge into the loaded model (the setting; features/xyz.py)."""
+        return str(option("astolfo_merge_xyz_target")).startswith("loaded")
+
+    def after_trial(self, result):
+        """A cell's trial file is written: its hash goes into the WebUI's cache (no re-hash on load)."""
+        write_hash(result.path, result.sha256)
+
+    def trial_checkpoint(self, path: str, merged: bool) -> str:
+        """The checkpoint name a cell switches to for the trial file `path`. Runs inside the
+        generation, which holds queue_lock already: refresh the list directly, never take the lock."""
+        info = find_checkpoint(path)
+        if merged or info is None:
+            refresh_checkpoints()
+            info = find_checkpoint(path)
+        if info is None:
+            raise RuntimeError(f"{xyz_axes.AXIS_PREFIX} merged {path}, but the WebUI does not list it")
+        return info.name
 
     def models_dir(self) -> str:
         return getattr(shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path
@@ -323,7 +339,7 @@ def on_ui_settings():
         shared.opts.add_option(key, info)
 
 
-# -- XYZ plot: merge per cell, then switch checkpoints like the stock axis ---------------------------
+# -- XYZ plot: the axes are features/xyz.py's; the host's X/Y/Z script is found here ------------------
 
 def xyz_module():
     for data in scripts.scripts_data:
@@ -332,191 +348,20 @@ def xyz_module():
     return None
 
 
-def fallback_format_value(p, opt, x):
-    return round(x, 8) if isinstance(x, float) else x
-
-
-def fallback_format_value_add_label(p, opt, x):
-    return f"{opt.label}: {fallback_format_value(p, opt, x)}"
-
-
 def fallback_apply_checkpoint(p, x, xs):
     info = sd_models.get_closet_checkpoint_match(x) if hasattr(sd_models, "get_closet_checkpoint_match") else None
     p.override_settings["sd_model_checkpoint"] = info.name if info is not None else x
 
 
-# Where hosts keep each helper besides the X/Y/Z script module itself (Forge Classic: extensions-builtin/xyz/lib_xyz).
-XYZ_HELPERS = {
-    "format_value": ("lib_xyz.axis_format", fallback_format_value),
-    "format_value_add_label": ("lib_xyz.axis_format", fallback_format_value_add_label),
-    "apply_checkpoint": ("lib_xyz.axis_application", fallback_apply_checkpoint),
-}
-
-
-def xyz_helper(name: str, xyz=None):
-    """The host's X/Y/Z helper `name` wherever it has it (the script module, then Classic's lib_xyz),
-    else a local one that does the same."""
-    xyz = xyz if xyz is not None else xyz_module()
-    found = getattr(xyz, name, None)
-    if callable(found):
-        return found
-    module_name, fallback = XYZ_HELPERS[name]
-    module = sys.modules.get(module_name)
-    if module is None:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            module = None
-    found = getattr(module, name, None)
-    return found if callable(found) else fallback
-
-
-def cells_go_live() -> bool:
-    """Cells merge into the loaded model unless the setting says file, or the host cannot (said once)."""
-    if not str(option("astolfo_merge_xyz_target")).startswith("loaded"):
-        return False
-    try:
-        live_target(load=True)
-    except live_state.LiveError as exc:
-        if not GRID.get("said"):
-            print(f"AstolfoMerge: {AXIS_PREFIX} cells merge to files: {exc}", file=sys.stderr)
-            GRID["said"] = True
-        return False
-    return True
-
-
-GRID = trials.GRID     # in the package: the X/Y/Z run wrapper outlives a Reload UI of this file
-
-
-def live_cell(recipe):
-    """Merge `recipe` into the loaded model (only keys whose recipe changed since the last cell)."""
-    target = live_target(load=True)
-    if not GRID.get("live"):
-        state = target.state
-        GRID.update(live=True, before=state.plan if state is not None and state.merged and state.complete else None)
-    plan = trials.live_plan(HOST, recipe)
-    if not GRID.get("workers_started"):     # once per grid, before its first cell: no cell waits for them
-        GRID["workers_started"] = True
-        started = time.monotonic()
-        count = HOST.start_live_workers(plan, HOST.run_options())
-        if count:
-            print(f"AstolfoMerge: {AXIS_PREFIX} grid: {count} worker processes ready in "
-                  f"{time.monotonic() - started:.2f} s")
-    result = HOST.merge_live(plan, HOST.run_options(), locked=False)   # the generation holds queue_lock
-    print(f"AstolfoMerge: {AXIS_PREFIX} cell merged into the loaded model in {result.seconds:.2f} s "
-          f"({result.keys} keys merged, {result.restored} restored, {result.kept} unchanged) {result.label}")
-
-
-def after_grid():
-    """Bring back what the model held before the grid: its checkpoint, or the live merge loaded then."""
-    before = GRID.get("before")
-    GRID.clear()
-    if before is not None:
-        result = HOST.merge_live(before, HOST.run_options(), locked=False)
-        what = f"the live merge loaded before the grid ({result.keys} keys re-merged)"
-    else:
-        result = HOST.restore_live(locked=False)
-        what = f"its checkpoint ({result.restored} keys restored)"
-    HOST.end_live_workers()
-    print(f"AstolfoMerge: {AXIS_PREFIX} grid done; the loaded model holds {what} in {result.seconds:.2f} s")
-
-
-def wrap_xyz_run():
-    """Run after_grid when the X/Y/Z script's run ends (done, failed or interrupted), if a cell went live."""
-    for data in getattr(scripts, "scripts_data", []):
-        cls = data.script_class
-        if data.module is not xyz_module() or not hasattr(cls, "run") or getattr(cls.run, "astolfo_merge", False):
-            continue
-        original = cls.run
-
-        def run(self, *args, _original=original, **kwargs):
-            GRID.clear()
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                if GRID.get("live"):
-                    after_grid()
-        run.astolfo_merge = True
-        cls.run = run
-
-
-def use_recipe(p, recipe, xs):
-    """Merge `recipe` into the loaded model (default), or into a file (reused when merged before) that
-    this cell switches to. We run inside the generation, which holds queue_lock already: refresh the
-    list directly, never take the lock."""
-    if cells_go_live():
-        live_cell(recipe)
-        return
-    started = time.monotonic()
-    path, merged = trials.run_trial(HOST, recipe, on_done=lambda result: write_hash(result.path, result.sha256))
-    print(f"AstolfoMerge: {AXIS_PREFIX} cell {'merged' if merged else 'reused'} {os.path.basename(path)} "
-          f"in {time.monotonic() - started:.2f} s")
-    info = find_checkpoint(path)
-    if merged or info is None:
-        refresh_checkpoints()
-        info = find_checkpoint(path)
-    if info is None:
-        raise RuntimeError(f"{AXIS_PREFIX} merged {path}, but the WebUI does not list it")
-    xyz_helper("apply_checkpoint")(p, info.name, xs)   # the stock axis' own switch (Forge adds steps to it)
-
-
-def apply_alpha(p, x, xs):
-    use_recipe(p, trials.with_alpha(trials.load_template(HOST), x), xs)
-
-
-def confirm_alpha(p, xs):
-    template = trials.load_template(HOST)
-    for x in xs:
-        trials.check(HOST, trials.with_alpha(template, x))
-
-
-def apply_lora_strength(p, x, xs):
-    use_recipe(p, trials.with_lora_strength(trials.load_template(HOST), x), xs)
-
-
-def confirm_lora_strength(p, xs):
-    template = trials.load_template(HOST)
-    if not template.extra.get("loras"):
-        raise RecipeError("loras", f"the XYZ template bakes no LoRA: pick one in the {TAB_TITLE} tab's LoRA rows, "
-                                   "then press 'Use as XYZ template' again")
-    for x in xs:
-        trials.check(HOST, trials.with_lora_strength(template, x))
-
-
-def apply_recipe(p, x, xs):
-    use_recipe(p, trials.load_named_recipe(HOST, x), xs)
-
-
-def confirm_recipe(p, xs):
-    for x in xs:
-        trials.check(HOST, trials.load_named_recipe(HOST, x))
-
-
 def add_xyz_axes():
-    """Our axes, each built on its own: a helper the host lacks is replaced, never fatal to the rest."""
+    """Our axes on the host's X/Y/Z script, if it has one with the API they need."""
     xyz = xyz_module()
-    if xyz is None or not hasattr(xyz, "AxisOption") or not hasattr(xyz, "axis_options"):
+    if not xyz_axes.has_axes_api(xyz):
         if xyz is not None:
-            print(f"AstolfoMerge: this X/Y/Z plot has no AxisOption/axis_options; {AXIS_PREFIX} axes not added",
-                  file=sys.stderr)
+            print(f"AstolfoMerge: this X/Y/Z plot has no AxisOption/axis_options; {xyz_axes.AXIS_PREFIX} axes "
+                  "not added", file=sys.stderr)
         return
-    wrap_xyz_run()
-    if any(str(getattr(opt, "label", "")).startswith(AXIS_PREFIX) for opt in xyz.axis_options):
-        return
-    label, plain = xyz_helper("format_value_add_label", xyz), xyz_helper("format_value", xyz)
-    axes = [
-        (f"{AXIS_PREFIX} alpha", float, apply_alpha, label, confirm_alpha, None),
-        (f"{AXIS_PREFIX} LoRA strength", float, apply_lora_strength, label, confirm_lora_strength, None),
-        (f"{AXIS_PREFIX} recipe", str, apply_recipe, plain, confirm_recipe, lambda: trials.recipe_files(HOST)),
-    ]
-    for title, kind, apply, fmt, confirm, choices in axes:
-        try:
-            options = {"format_value": fmt, "confirm": confirm, "cost": 1.1}
-            if choices is not None:
-                options["choices"] = choices
-            xyz.axis_options.append(xyz.AxisOption(title, kind, apply, **options))
-        except Exception as exc:  # noqa: BLE001 - one axis the host refuses must not take the others
-            print(f"AstolfoMerge: X/Y/Z axis {title!r} not added: {exc}", file=sys.stderr)
+    xyz_axes.Axes(HOST, xyz, fallback_apply_checkpoint, TAB_TITLE).add(getattr(scripts, "scripts_data", []))
 
 
 # -- a read-only API route: what the loaded model holds (tests and tools check live merges with it) ---

@@ -73,8 +73,9 @@ class Host:
         return (f"This host cannot load models; the merge is at {path}", None)
 
     # -- live merge into the host's loaded model (live.py); only the WebUI has one ----------------
-    def live_target(self):
-        """The loaded model as a live_state.LiveTarget; raises LiveError saying why not."""
+    def live_target(self, load: bool = False):
+        """The loaded model as a live_state.LiveTarget (`load`: inside a generation, the host may load
+        its model first); raises LiveError saying why not."""
         from ..features.live_state import LiveError
         raise LiveError("merging into the loaded model needs the WebUI; here merges go to files")
 

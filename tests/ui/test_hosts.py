@@ -18,7 +18,7 @@ import gradio as gr
 import pytest
 import torch
 
-from astolfo_merge.features import trials
+from astolfo_merge.features import trials, xyz as xyz_axes
 from astolfo_merge.ui.host import StandaloneHost, scan_checkpoints
 
 from webui_fakes import KINDS, REAL, ROOT, FakeWebui, installed, p_object
@@ -95,8 +95,9 @@ def test_axes_are_added_with_local_helpers_where_the_host_has_none(models, tmp_p
     glue.add_xyz_axes()
     labels = [o.label for o in fake.xyz.axis_options]
     assert labels[1:] == ["[Merger] alpha", "[Merger] LoRA strength", "[Merger] recipe"]
-    assert fake.xyz.axis_options[1].format_value is glue.fallback_format_value_add_label
-    assert glue.xyz_helper("apply_checkpoint") is glue.fallback_apply_checkpoint
+    assert fake.xyz.axis_options[1].format_value is xyz_axes.format_value_add_label
+    assert fake.xyz.axis_options[3].format_value is xyz_axes.format_value
+    assert fake.xyz.axis_options[1].apply.__self__.apply_checkpoint is glue.fallback_apply_checkpoint
     cell = p_object()
     glue.fallback_apply_checkpoint(cell, "sd1-a.safetensors", [])
     assert cell.override_settings == {"sd_model_checkpoint": "sd1-a.safetensors"}
