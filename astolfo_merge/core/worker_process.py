@@ -27,6 +27,12 @@ WORKER_MODULE = "astolfo_merge.core.worker_main"
 WORKER_CHUNK_BYTES = 64 << 20       # the smallest chunk budget a worker is planned with
 AUTO_MIN_OUTPUT_BYTES = 64 << 20    # auto: smaller merges run in-process (starting a worker costs ~1 s)
 PIPE_BYTES = 1 << 20                # a worker's stdout pipe (Linux; unprivileged limit: fs/pipe-max-size)
+# glibc's malloc in a worker (ignored by other C libraries; the user's own settings win): chunk
+# buffers (up to 8 MB) come from the heap and stay there between chunks. By default glibc maps such
+# buffers fresh and unmaps them on free until its threshold has crept up, and returns the top of the
+# heap early: each new worker then zero-filled its pages again chunk after chunk, which made the
+# first live-merge cell of a fresh crew 0.3-0.5 s slower than the next (bench/README.md).
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
 
 
 class WorkerError(AstolfoError):
@@ -228,6 +234,8 @@ def worker_env() -> dict:
     env["PYTHONSAFEPATH"] = "1"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = "1"
+    for name, value in WORKER_MALLOC.items():
+        env.setdefault(name, value)
     return env
 
 

@@ -217,6 +217,14 @@ def test_a_workers_output_pipe_is_widened_where_the_os_allows_and_left_alone_whe
         worker_process.widen_pipe(not_a_pipe)
 
 
+def test_workers_get_glibc_malloc_settings_unless_the_user_chose_their_own(monkeypatch):
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
+    env = worker_process.worker_env()
+    assert env["MALLOC_MMAP_THRESHOLD_"] == worker_process.WORKER_MALLOC["MALLOC_MMAP_THRESHOLD_"]
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "4096"
+
+
 # -- faults --------------------------------------------------------------------------------------------
 def _after_keys(n, action):
     """A progress callback that runs `action` once, when n keys are done."""
