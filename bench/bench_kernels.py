@@ -93,7 +93,7 @@ class HalfInputs(KeyInputs):
     def chunks(self, resident, tile=None):
         """key_inputs.FileKeyInputs.chunks with one chunk in flight."""
         from astolfo_merge.methods.shapes import CACHE_TILE, row_spans
-        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=tile or CACHE_TILE)
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, tile=tile or CACHE_TILE)
 
     def log(self, message):
         self.messages.append(message)

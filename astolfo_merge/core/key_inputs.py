@@ -228,7 +228,7 @@ class FileKeyInputs(KeyInputs):
         """shapes.row_spans with this key's budget, the cache `tile`, and room for every span in flight."""
         in_flight = self._workers.in_flight if self._workers else 1
         return row_spans(self.shape, self.dtype.itemsize, resident, self._chunk_bytes, in_flight=in_flight,
-                         cache=tile)
+                         tile=tile)
 
     def imap(self, fn, spans):
         if self._workers is None:

@@ -291,7 +291,7 @@ class TensorInputs(KeyInputs):
     def chunks(self, resident, tile=None):
         """Like the engine's (`resident` chunks fit the budget), without its cache bound (`tile`):
         whole keys unless `chunk_rows` or `budget_bytes` says otherwise."""
-        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, cache=None,
+        return row_spans(self.shape, self.dtype.itemsize, resident, self.budget_bytes, tile=None,
                          max_rows=self.chunk_rows)
 
     def log(self, message):

@@ -59,9 +59,10 @@ class Tile:
 # depend on where the chunks end: their tile is fixed for good (512 KiB of fp64 per tensor).
 CACHE_TILE = Tile(1 << 16, 2 << 20)
 # Elementwise passes give the same bits whatever the chunking, so their tile follows the speed
-# alone: 4x larger computed a full-size SD1 weighted sum (fp64, 2 models, one thread) in 2.89 s
-# against 3.38 s (median of 5; the chunks' tensors then sit in L3, not L2, but a quarter of the ops
-# are dispatched); tests/methods/test_shapes.py checks the bits of every elementwise method.
+# alone: 4x larger, a full-size SD1 live weighted sum in one process (fp64, 2 models) took 2.60 s
+# against 3.39 s, and an 8-way average on one worker 9.0 s against 12.4 s (bench/README.md: the
+# chunks' tensors then sit in L3, not L2, but a quarter of the ops are dispatched);
+# tests/methods/test_shapes.py checks the bits of every elementwise method.
 ELEMENTWISE_TILE = Tile(1 << 18, 8 << 20)
 
 
@@ -117,18 +118,18 @@ def iterative(resident, *, direct=None, workspace=None) -> Shape:
 # --- chunking and residency -----------------------------------------------------------------------
 
 def row_spans(tensor_shape, itemsize: int, resident: int, budget: int | None, *, in_flight: int = 1,
-              cache: Tile | None = CACHE_TILE, max_rows: int | None = None) -> list:
+              tile: Tile | None = CACHE_TILE, max_rows: int | None = None) -> list:
     """Row ranges [(start, stop)] of a key such that `resident` chunk-sized tensors of `itemsize`
     bytes per element fit `budget` bytes (None: unbounded) for each of `in_flight` spans worked on at
-    once; with a `cache` tile, also small enough to stay in cache; a row is never split. The one
+    once; with a cache `tile`, also small enough to stay in cache; a row is never split. The one
     chunking rule: the engine's and the in-memory inputs (KeyInputs.chunks) both ask it."""
     rows = tensor_shape[0] if tensor_shape else 1
     row_elems = max(1, math.prod(tensor_shape[1:])) if tensor_shape else 1
     step = rows if max_rows is None else max_rows
     if budget is not None:
         step = min(step, budget // max(1, in_flight * resident * row_elems * itemsize))
-    if cache is not None:
-        step = min(step, cache.rows(row_elems, resident, itemsize))
+    if tile is not None:
+        step = min(step, tile.rows(row_elems, resident, itemsize))
     step = max(1, min(rows, step))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)] or [(0, 0)]
 

@@ -36,7 +36,7 @@ def test_row_spans_cover_every_row_once_and_fit_the_budget_per_span_in_flight(re
 def test_row_spans_bound_a_chunk_by_the_cache_unless_told_not_to():
     shape = (4096, 64)                                     # 262144 fp64 elements: more than one cache-sized chunk
     assert len(row_spans(shape, 8, 3, None)) > 1
-    assert row_spans(shape, 8, 3, None, cache=None) == [(0, 4096)]
+    assert row_spans(shape, 8, 3, None, tile=None) == [(0, 4096)]
     assert row_spans((), 8, 3, 1) == [(0, 1)] and row_spans((0, 5), 8, 3, None) == [(0, 0)]
 
 
@@ -65,7 +65,7 @@ def test_elementwise_passes_take_the_larger_tile_and_the_others_keep_theirs():
 
         def chunks(self, resident, tile):
             asked.append(tile)
-            return row_spans(key, 8, resident, None, cache=tile)
+            return row_spans(key, 8, resident, None, tile=tile)
     spans(Inputs(), elementwise(3))
     spans(Inputs(), two_pass(3))
     spans(Inputs(), elementwise(3), "statistic")
